@@ -1,0 +1,1 @@
+"""C++/CUDA sources of the "native" extension; built by fuselm.native."""

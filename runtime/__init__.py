@@ -1,0 +1,29 @@
+"""fuselm: a custom-kernel accelerated runtime for GPT-style language models.
+
+    import fuselm
+    m = fuselm.load("smollm2-135m-instruct")
+    print(m.generate("The capital of France is", max_new_tokens=32))
+
+`fuselm.ops` holds the kernels behind one dispatch point per op.
+"""
+from . import ops
+from .ops import set_backend
+
+__version__ = "0.1.0"
+
+
+def load(source, dtype=None, device=None, backend="auto"):
+    """Load a model: a Hugging Face directory, a .gguf file, or a built-in name."""
+    from .model import Model
+    return Model.load(source, dtype=dtype, device=device, backend=backend)
+
+
+def __getattr__(name):
+    # Model is imported lazily so `import fuselm` stays cheap.
+    if name == "Model":
+        from .model import Model
+        return Model
+    raise AttributeError(f"module 'fuselm' has no attribute {name!r}")
+
+
+__all__ = ["load", "Model", "ops", "set_backend"]

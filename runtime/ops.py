@@ -1,0 +1,224 @@
+"""One dispatch point per op: checks the arguments once, picks the backend, calls it.
+
+Backends:
+  "torch"  - runtime/reference.py, plain PyTorch (always available)
+  "triton" - fuselm.kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+  "native" - the C++/CUDA extension built from csrc/ (fuselm.native)
+
+Every op takes `backend=`; without it the process default applies
+(`set_backend`, or the FUSELM_BACKEND environment variable), and "auto" picks
+per device from `_AUTO`. The backend that actually runs is logged once per
+(op, backend, device), so nothing falls back to a slower path silently.
+Checks that would need a host sync (values inside CUDA tensors) are skipped
+so the decode step stays capturable in a CUDA graph.
+"""
+import importlib
+import logging
+import os
+
+import torch
+
+from . import reference
+
+log = logging.getLogger("fuselm")
+
+BACKENDS = ("torch", "triton", "native")
+# Which module implements each op, per backend (torch is runtime/reference.py).
+_MODULES = {
+    "triton": {
+        "rms_norm": "fuselm.kernels.norm",
+        "layer_norm": "fuselm.kernels.norm",
+        "attention": "fuselm.kernels.attention",
+        "decode_attention": "fuselm.kernels.decode",
+        "sample": "fuselm.kernels.sampling",
+    },
+    "native": {
+        "rms_norm": "fuselm.native",
+        "layer_norm": "fuselm.native",
+        "sample": "fuselm.native",
+    },
+}
+# "auto": the backend each op uses on each device type, chosen from measurements.
+_AUTO = {
+    "cpu": dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "torch"),
+    "cuda": dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "torch"),
+}
+
+_default = None  # None -> read FUSELM_BACKEND on first use
+_logged = set()
+
+
+def _check_backend_name(name):
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    return name
+
+
+def set_backend(name):
+    """Set the process-wide default backend: "auto", "torch", "triton" or "native"."""
+    global _default
+    _default = _check_backend_name(name)
+
+
+def get_backend():
+    global _default
+    if _default is None:
+        _default = _check_backend_name(os.environ.get("FUSELM_BACKEND", "auto"))
+    return _default
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(op, backend, device):
+    """The backend name `op` runs with on `device` (a torch.device)."""
+    name = _check_backend_name(backend or get_backend())
+    if name == "auto":
+        name = _AUTO.get(device.type, _AUTO["cpu"])[op]
+    return name
+
+
+def implementation(op, backend, device):
+    """The function implementing `op` with `backend` on `device`; clear errors otherwise."""
+    name = resolve(op, backend, device)
+    if name == "torch":
+        fn = getattr(reference, op)
+    else:
+        module = _MODULES[name].get(op)
+        if module is None:
+            have = [b for b in BACKENDS if b == "torch" or op in _MODULES[b]]
+            raise ValueError(f"backend {name!r} has no {op}; available for {op}: {', '.join(have)}")
+        if name == "triton" and device.type != "cuda" and not _interpreting():
+            raise RuntimeError(
+                f"backend 'triton' needs CUDA tensors (got {device.type}); "
+                "set TRITON_INTERPRET=1 before importing triton to run its kernels on the CPU"
+            )
+        try:
+            fn = getattr(importlib.import_module(module), op)
+        except ImportError as e:
+            raise RuntimeError(f"backend {name!r} is not available for {op}: {e}") from e
+    key = (op, name, device.type)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("fuselm: %s runs on backend %r (%s)", op, name, device.type)
+    return fn
+
+
+# ---------------------------------------------------------------- checks
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_float(name, t):
+    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check(t.dtype in (torch.float32, torch.float16, torch.bfloat16),
+           f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_same(name, t, ref_name, ref, shape=True):
+    _check_float(name, t)
+    _check(t.device == ref.device, f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if shape:
+        _check(t.shape == ref.shape, f"{name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}")
+        _check(t.dtype == ref.dtype, f"{name} is {t.dtype} but {ref_name} is {ref.dtype}")
+
+
+def _check_norm_args(x, weight, bias, eps, residual):
+    _check_float("x", x)
+    _check(x.dim() >= 1 and x.shape[-1] > 0, f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _check_same(name, p, "x", x, shape=False)
+            _check(p.shape == (x.shape[-1],), f"{name} must have shape ({x.shape[-1]},), got {tuple(p.shape)}")
+    _check(float(eps) > 0, f"eps must be > 0, got {eps}")
+    if residual is not None:
+        _check_same("residual", residual, "x", x)
+
+
+# ---------------------------------------------------------------- ops
+
+def rms_norm(x, weight, eps=1e-6, residual=None, backend=None):
+    """RMSNorm over the last dim; with `residual` returns (y, x + residual)."""
+    _check_norm_args(x, weight, None, eps, residual)
+    return implementation("rms_norm", backend, x.device)(x, weight, eps=eps, residual=residual)
+
+
+def layer_norm(x, weight, bias, eps=1e-5, residual=None, backend=None):
+    """LayerNorm over the last dim (bias may be None); with `residual` returns (y, x + residual)."""
+    _check_norm_args(x, weight, bias, eps, residual)
+    return implementation("layer_norm", backend, x.device)(x, weight, bias, eps=eps, residual=residual)
+
+
+def _check_heads(q_heads, kv_heads):
+    _check(kv_heads > 0 and q_heads % kv_heads == 0,
+           f"query heads ({q_heads}) must be a multiple of key/value heads ({kv_heads})")
+
+
+def attention(q, k, v, causal=True, scale=None, backend=None):
+    """Prefill attention. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D].
+
+    Causal masking is bottom-right aligned (queries follow a cached prefix).
+    """
+    _check_float("q", q)
+    _check(q.dim() == 4, f"q must be [B, S, H, D], got shape {tuple(q.shape)}")
+    _check_same("k", k, "q", q, shape=False)
+    _check(k.dim() == 4, f"k must be [B, S, H, D], got shape {tuple(k.shape)}")
+    _check_same("v", v, "k", k)
+    _check(k.dtype == q.dtype, f"k is {k.dtype} but q is {q.dtype}")
+    _check(k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3],
+           f"k {tuple(k.shape)} must share batch and head dim with q {tuple(q.shape)}")
+    _check_heads(q.shape[2], k.shape[2])
+    return implementation("attention", backend, q.device)(q, k, v, causal=causal, scale=scale)
+
+
+def decode_attention(q, k_cache, v_cache, seqlens, scale=None, backend=None):
+    """Decode attention: q [B, Hq, D] over caches [B, Smax, Hkv, D] up to seqlens [B] -> [B, Hq, D].
+
+    seqlens[b] <= Smax is the caller's contract (checking it would need a host sync).
+    """
+    _check_float("q", q)
+    _check(q.dim() == 3, f"q must be [B, H, D], got shape {tuple(q.shape)}")
+    _check_same("k_cache", k_cache, "q", q, shape=False)
+    _check(k_cache.dim() == 4, f"k_cache must be [B, Smax, H, D], got shape {tuple(k_cache.shape)}")
+    _check_same("v_cache", v_cache, "k_cache", k_cache)
+    _check(k_cache.dtype == q.dtype, f"k_cache is {k_cache.dtype} but q is {q.dtype}")
+    _check(k_cache.shape[0] == q.shape[0] and k_cache.shape[3] == q.shape[2],
+           f"k_cache {tuple(k_cache.shape)} must share batch and head dim with q {tuple(q.shape)}")
+    _check_heads(q.shape[1], k_cache.shape[2])
+    _check(isinstance(seqlens, torch.Tensor) and seqlens.shape == (q.shape[0],)
+           and not seqlens.dtype.is_floating_point and seqlens.device == q.device,
+           f"seqlens must be an integer tensor of shape ({q.shape[0]},) on {q.device}")
+    return implementation("decode_attention", backend, q.device)(q, k_cache, v_cache, seqlens, scale=scale)
+
+
+def _check_param(name, value, rows, device, ok, what):
+    """A sampling parameter: a number or a [rows] tensor; values checked where that needs no sync."""
+    if isinstance(value, torch.Tensor):
+        _check(value.shape in ((), (rows,)), f"{name} must be a number or a tensor of shape ({rows},), "
+                                             f"got shape {tuple(value.shape)}")
+        _check(value.device == device, f"{name} is on {value.device} but logits are on {device}")
+        if value.device.type == "cpu":
+            _check(bool(ok(value).all()), f"{name} must be {what}")
+    else:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"{name} must be a number or a tensor, got {type(value).__name__}")
+        _check(bool(ok(torch.tensor(value))), f"{name} must be {what}, got {value}")
+
+
+def check_sampling_params(temperature, top_k, top_p, min_p, rows=1, device=torch.device("cpu")):
+    _check_param("temperature", temperature, rows, device, lambda t: t >= 0, ">= 0")
+    _check_param("top_k", top_k, rows, device, lambda t: (t >= 0) & (t == t.round()), "an integer >= 0 (0 = off)")
+    _check_param("top_p", top_p, rows, device, lambda t: (t > 0) & (t <= 1), "in (0, 1]")
+    _check_param("min_p", min_p, rows, device, lambda t: (t >= 0) & (t <= 1), "in [0, 1]")
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None, backend=None):
+    """One token per row of logits [B, V] -> [B] int64; temperature 0 is argmax."""
+    _check_float("logits", logits)
+    _check(logits.dim() == 2 and logits.shape[1] > 0, f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    check_sampling_params(temperature, top_k, top_p, min_p, logits.shape[0], logits.device)
+    fn = implementation("sample", backend, logits.device)
+    return fn(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)

@@ -1,0 +1,127 @@
+"""The plain-PyTorch reference of every fuselm op: the one oracle.
+
+Written for clarity, not speed: every op computes in float32 and casts the
+result back to the input dtype. Tests and benchmarks import these functions;
+nobody writes them again. Argument checking lives in `fuselm.ops`, not here.
+"""
+import torch
+
+
+def _scalar_or_rows(value, rows, dtype, device):
+    """A float/int or a [B] tensor -> a [B, 1] tensor (one value per row)."""
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    return t.expand(rows).reshape(rows, 1) if t.dim() == 0 else t.reshape(rows, 1)
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    """y = h / sqrt(mean(h^2) + eps) * weight over the last dim, h = x (+ residual).
+
+    With `residual`, returns (y, h) where h = x + residual rounded to x.dtype;
+    y is computed from that rounded h, exactly as if the add ran unfused.
+    """
+    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    hf = h.float()
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return y.to(x.dtype) if residual is None else (y.to(x.dtype), h)
+
+
+def layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    """y = (h - mean) / sqrt(var + eps) * weight + bias; residual as in rms_norm."""
+    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    hf = h.float()
+    mean = hf.mean(-1, keepdim=True)
+    var = (hf - mean).pow(2).mean(-1, keepdim=True)
+    y = (hf - mean) * torch.rsqrt(var + eps) * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype) if residual is None else (y.to(x.dtype), h)
+
+
+def attention(q, k, v, causal=True, scale=None):
+    """softmax(q k^T * scale) v with GQA.  q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D].
+
+    Causal masking is bottom-right aligned: query i sees keys j <= i + Sk - Sq,
+    so queries that follow a cached prefix see the whole prefix. A query row
+    that sees no key at all outputs zeros.
+    """
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    group = Hq // Hkv
+    qf = q.float().transpose(1, 2)                                   # [B, Hq, Sq, D]
+    kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)   # [B, Hq, Sk, D]
+    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    s = (qf @ kf.transpose(-1, -2)) * scale                          # [B, Hq, Sq, Sk]
+    if causal:
+        i = torch.arange(Sq, device=q.device).view(Sq, 1)
+        j = torch.arange(Sk, device=q.device).view(1, Sk)
+        s = s.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(nan=0.0)  # fully masked rows -> 0
+    if causal and Sq > Sk:
+        p = p.masked_fill((torch.arange(Sq, device=q.device) < Sq - Sk).view(Sq, 1), 0.0)
+    return (p @ vf).transpose(1, 2).to(q.dtype)                       # [B, Sq, Hq, D]
+
+
+def decode_attention(q, k_cache, v_cache, seqlens, scale=None):
+    """One query per sequence over its first seqlens[b] cached keys.
+
+    q [B, Hq, D], caches [B, Smax, Hkv, D], seqlens [B] int -> [B, Hq, D].
+    A row with seqlens[b] == 0 outputs zeros.
+    """
+    B, Hq, D = q.shape
+    Smax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    group = Hq // Hkv
+    kf = k_cache.float().repeat_interleave(group, dim=2)             # [B, Smax, Hq, D]
+    vf = v_cache.float().repeat_interleave(group, dim=2)
+    s = torch.einsum("bhd,bshd->bhs", q.float(), kf) * scale         # [B, Hq, Smax]
+    visible = torch.arange(Smax, device=q.device).view(1, 1, Smax) < seqlens.view(B, 1, 1).to(q.device)
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(nan=0.0)
+    p = p.masked_fill(~visible, 0.0)
+    return torch.einsum("bhs,bshd->bhd", p, vf).to(q.dtype)
+
+
+def sampling_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """The distribution `sample` draws from, [B, V] float32, each row summing to 1.
+
+    In the order transformers applies them: divide by temperature, softmax,
+    keep the top_k most probable (0 = all), renormalize, keep the smallest
+    most-probable set whose mass reaches top_p, keep tokens with probability
+    >= min_p * max probability, renormalize. Ties at a threshold are kept
+    together, so kernels that select by threshold instead of sorting agree.
+    Rows with temperature 0 put all mass on the argmax.
+    """
+    B, V = logits.shape
+    dev = logits.device
+    t = _scalar_or_rows(temperature, B, torch.float32, dev)
+    k = _scalar_or_rows(top_k, B, torch.int64, dev)
+    p_top = _scalar_or_rows(top_p, B, torch.float32, dev)
+    p_min = _scalar_or_rows(min_p, B, torch.float32, dev)
+    greedy = t == 0
+    lf = logits.float() / torch.where(greedy, torch.ones_like(t), t)
+    probs = torch.softmax(lf, dim=-1)
+    sorted_p, _ = probs.sort(dim=-1, descending=True)
+    # top-k: threshold at the k-th largest probability
+    kth = sorted_p.gather(1, (k.clamp(1, V) - 1))
+    keep = (k == 0) | (probs >= kth)
+    probs = torch.where(keep, probs, 0.0)
+    probs = probs / probs.sum(-1, keepdim=True)
+    # top-p: keep a token if the mass of strictly more probable tokens is < top_p
+    sorted_p, _ = probs.sort(dim=-1, descending=True)
+    before = torch.cumsum(sorted_p, dim=-1) - sorted_p               # mass before each sorted token
+    cutoff_idx = ((before < p_top).sum(-1, keepdim=True) - 1).clamp(min=0)
+    cutoff = sorted_p.gather(1, cutoff_idx)
+    keep = probs >= cutoff
+    # min-p: relative to the most probable token
+    keep &= probs >= p_min * probs.max(-1, keepdim=True).values
+    probs = torch.where(keep, probs, 0.0)
+    probs = probs / probs.sum(-1, keepdim=True)
+    onehot = torch.zeros_like(probs).scatter_(1, logits.float().argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy, onehot, probs)
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None):
+    """Draw one token per row of logits [B, V] -> [B] int64 (see sampling_probs)."""
+    probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)
