@@ -48,7 +48,7 @@ _default = None  # None -> read FUSELM_BACKEND on first use
 _logged = set()
 
 
-def _check_backend_name(name):
+def check_backend_name(name):
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
     return name
@@ -57,13 +57,13 @@ def _check_backend_name(name):
 def set_backend(name):
     """Set the process-wide default backend: "auto", "torch", "triton" or "native"."""
     global _default
-    _default = _check_backend_name(name)
+    _default = check_backend_name(name)
 
 
 def get_backend():
     global _default
     if _default is None:
-        _default = _check_backend_name(os.environ.get("FUSELM_BACKEND", "auto"))
+        _default = check_backend_name(os.environ.get("FUSELM_BACKEND", "auto"))
     return _default
 
 
@@ -73,7 +73,7 @@ def _interpreting():
 
 def resolve(op, backend, device):
     """The backend name `op` runs with on `device` (a torch.device)."""
-    name = _check_backend_name(backend or get_backend())
+    name = check_backend_name(backend or get_backend())
     if name == "auto":
         name = _AUTO.get(device.type, _AUTO["cpu"])[op]
     return name

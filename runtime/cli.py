@@ -1,0 +1,122 @@
+"""The `fuselm` command: generate, chat, bench.
+
+    fuselm generate "The capital of France is" --max-new-tokens 32
+    fuselm chat --model path/to/model.gguf
+    fuselm bench --quick
+"""
+import argparse
+import logging
+import sys
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _model_args(p):
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a Hugging Face directory, a .gguf file or a built-in name (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: best for the device)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when present)")
+    p.add_argument("--backend", default="auto", help="auto | torch | triton | native")
+
+
+def _sampling_args(p):
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(a):
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                min_p=a.min_p, seed=a.seed, stop=a.stop)
+
+
+def _load(a):
+    import fuselm
+    return fuselm.load(a.model, dtype=a.dtype, device=a.device, backend=a.backend)
+
+
+def _report(model):
+    s = model.last_stats
+    print(f"\n[{s.prompt_tokens} prompt tokens, {s.new_tokens} new tokens; prefill "
+          f"{s.prompt_tokens / max(s.prefill_seconds, 1e-9):.1f} tokens/s, decode "
+          f"{s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+
+
+def cmd_generate(a):
+    model = _load(a)
+    for piece in model.generate(a.prompt, stream=True, **_sampling(a)):
+        print(piece, end="", flush=True)
+    print()
+    _report(model)
+
+
+def cmd_chat(a):
+    model = _load(a)
+    if model.tokenizer.chat_template is None:
+        raise ValueError(f"{a.model} has no chat template; use `fuselm generate`")
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print("fuselm chat: type a message, Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        reply = []
+        for piece in model.chat(messages, stream=True, **_sampling(a)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_bench(a):
+    try:
+        from bench import run
+    except ImportError as e:
+        raise RuntimeError(f"fuselm bench runs from a source checkout of fuselm (bench/ is not installed): {e}")
+    run.main(["--quick"] if a.quick else [])
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="fuselm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log which backend each op runs on")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete a prompt, streaming")
+    g.add_argument("prompt")
+    _model_args(g)
+    _sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _model_args(c)
+    _sampling_args(c)
+    c.add_argument("--system", default=None, help="a system message")
+    c.set_defaults(func=cmd_chat)
+    b = sub.add_parser("bench", help="run the benchmarks and write bench/results/<device>/")
+    b.add_argument("--quick", action="store_true", help="tiny sizes")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    try:
+        a.func(a)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+        print(f"fuselm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The transformer, parametrised by a ModelConfig, and the public `Model`.
+
+Two families share one block structure:
+  llama: RMSNorm, RoPE, GQA attention (optional q/k/v bias: Qwen2), gated SiLU MLP
+  gpt2:  LayerNorm with bias, learned positions, MHA, GELU (tanh) MLP, Conv1D weights
+Weights are rearranged once at load time for speed: q/k/v fused into one
+matrix, gate/up fused into one, GPT-2's Conv1D [in, out] transposed to [out, in].
+Every norm and attention goes through `fuselm.ops`, so the backend is one switch.
+The residual add is fused into the next norm: `h, r = norm(a, residual=r)`.
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from . import ops, rope
+from .cache import KVCache
+from .weights import open_checkpoint
+
+OPS = ("rms_norm", "layer_norm", "attention", "decode_attention", "sample")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(_DTYPES))}")
+
+
+def parse_device(device):
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported; use 'cpu' or 'cuda'")
+    return device
+
+
+def cpu_has_fast_bf16():
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX): then bf16 halves the
+    bytes each decode step reads at no cost in speed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device):
+    if device.type == "cuda" or cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+class Transformer:
+    """The network: weights plus forward passes with and without a KV cache."""
+
+    def __init__(self, config, weights, backend, device):
+        self.config = config
+        self.backend = backend
+        self.w = weights
+        c = config
+        self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        if c.arch == "llama":
+            self.cos, self.sin = rope.tables(c.head_dim, c.rope_theta, c.rope_scaling,
+                                             c.max_position_embeddings, device)
+
+    # ---------------------------------------------------------------- pieces
+
+    def _norm(self, x, name, residual=None):
+        w, c = self.w, self.config
+        if c.arch == "gpt2":
+            return ops.layer_norm(x, w[name + ".weight"], w[name + ".bias"], eps=c.norm_eps,
+                                  residual=residual, backend=self.backend)
+        return ops.rms_norm(x, w[name + ".weight"], eps=c.norm_eps, residual=residual, backend=self.backend)
+
+    def _linear(self, x, name):
+        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+
+    def _mlp(self, h, i):
+        p = f"layers.{i}."
+        if self.config.arch == "gpt2":
+            return self._linear(F.gelu(self._linear(h, p + "fc"), approximate="tanh"), p + "proj")
+        gate, up = self._linear(h, p + "gate_up").chunk(2, dim=-1)
+        return self._linear(F.silu(gate) * up, p + "down")
+
+    def _embed(self, tokens, positions):
+        x = F.embedding(tokens, self.w["embed"])
+        if self.config.arch == "gpt2":
+            x = x + F.embedding(positions, self.w["pos_embed"])
+        return x
+
+    def _blocks(self, tokens, positions, attend):
+        """Run all blocks on tokens [B, S] at positions [B, S]; attend(layer, q, k, v) -> o.
+        Returns the final normalized hidden states [B, S, hidden]."""
+        c = self.config
+        B, S = tokens.shape
+        r = self._embed(tokens, positions)
+        h = self._norm(r, "layers.0.attn_norm")
+        if c.arch == "llama":
+            cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [B, S, 1, D/2]
+        for i in range(c.num_layers):
+            qkv = self._linear(h, f"layers.{i}.qkv")                          # [B, S, (Hq + 2 Hkv) D]
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = q.view(B, S, c.num_heads, c.head_dim)
+            k = k.view(B, S, c.num_kv_heads, c.head_dim)
+            v = v.view(B, S, c.num_kv_heads, c.head_dim)
+            if c.arch == "llama":
+                q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+            o = attend(i, q, k, v)                                           # [B, S, Hq, D]
+            a = self._linear(o.reshape(B, S, self.q_size), f"layers.{i}.o")
+            h, r = self._norm(a, f"layers.{i}.mlp_norm", residual=r)
+            m = self._mlp(h, i)
+            nxt = f"layers.{i + 1}.attn_norm" if i + 1 < c.num_layers else "final_norm"
+            h, r = self._norm(m, nxt, residual=r)
+        return h
+
+    def _lm_head(self, h):
+        return F.linear(h, self.w["lm_head"]).float()
+
+    # ---------------------------------------------------------------- passes
+
+    def forward(self, tokens):
+        """Full causal forward of tokens [B, S] without a cache -> float32 logits [B, S, V]."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+        attend = lambda i, q, k, v: ops.attention(q, k, v, causal=True, backend=self.backend)  # noqa: E731
+        return self._lm_head(self._blocks(tokens, positions, attend))
+
+    def prefill(self, tokens, cache, row, start=0):
+        """Append tokens [S] to cache row `row` (whose first `start` positions are filled);
+        returns float32 logits [V] of the last token. Sets the row's cached length."""
+        positions = torch.arange(start, start + tokens.shape[0], device=tokens.device).unsqueeze(0)
+
+        def attend(i, q, k, v):
+            k_all, v_all = cache.write_prefill(i, row, start, k, v)
+            return ops.attention(q, k_all, v_all, causal=True, backend=self.backend)
+
+        h = self._blocks(tokens.unsqueeze(0), positions, attend)
+        cache.seqlens[row] = start + tokens.shape[0]
+        return self._lm_head(h[0, -1])
+
+    def decode(self, tokens, cache):
+        """One step: tokens [B] at positions cache.seqlens -> float32 logits [B, V].
+        Static shapes and no host sync, so it can be captured in a CUDA graph."""
+        positions = cache.seqlens.long().unsqueeze(1)                        # [B, 1]
+        lengths = cache.seqlens + 1
+
+        def attend(i, q, k, v):
+            k_cache, v_cache = cache.write_decode(i, k[:, 0], v[:, 0])
+            return ops.decode_attention(q[:, 0], k_cache, v_cache, lengths, backend=self.backend).unsqueeze(1)
+
+        h = self._blocks(tokens.unsqueeze(1), positions, attend)
+        cache.seqlens.add_(1)
+        return self._lm_head(h[:, 0])
+
+    def new_cache(self, batch, max_len):
+        c = self.config
+        w = self.w["embed"]
+        return KVCache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, w.dtype, w.device)
+
+
+# ---------------------------------------------------------------- loading
+
+def _expected_shapes(c):
+    """Shape of every tensor the network needs, under its internal name."""
+    H, D, I = c.hidden_size, c.head_dim, c.intermediate_size
+    qkv = (c.num_heads + 2 * c.num_kv_heads) * D
+    shapes = {"embed": (c.vocab_size, H), "lm_head": (c.vocab_size, H), "final_norm.weight": (H,)}
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attn_norm.weight": (H,), p + "mlp_norm.weight": (H,),
+                       p + "qkv.weight": (qkv, H), p + "o.weight": (H, c.num_heads * D)})
+        if c.arch == "gpt2":
+            shapes.update({p + "attn_norm.bias": (H,), p + "mlp_norm.bias": (H,), p + "qkv.bias": (qkv,),
+                           p + "o.bias": (H,), p + "fc.weight": (I, H), p + "fc.bias": (I,),
+                           p + "proj.weight": (H, I), p + "proj.bias": (H,)})
+        else:
+            shapes.update({p + "gate_up.weight": (2 * I, H), p + "down.weight": (H, I)})
+            if c.attention_bias:
+                shapes[p + "qkv.bias"] = (qkv,)
+            if c.o_bias:
+                shapes[p + "o.bias"] = (H,)
+            if c.mlp_bias:
+                shapes.update({p + "gate_up.bias": (2 * I,), p + "down.bias": (H,)})
+    if c.arch == "gpt2":
+        shapes.update({"pos_embed": (c.max_position_embeddings, H), "final_norm.bias": (H,)})
+    return shapes
+
+
+def _sources(c, names):
+    """Internal name -> (how to build it, checkpoint tensor names), for the checkpoint's naming."""
+    if c.arch == "gpt2":
+        pre = "transformer." if any(n.startswith("transformer.") for n in names) else ""
+        m = {"embed": ("one", [pre + "wte.weight"]), "pos_embed": ("one", [pre + "wpe.weight"]),
+             "final_norm.weight": ("one", [pre + "ln_f.weight"]), "final_norm.bias": ("one", [pre + "ln_f.bias"]),
+             "lm_head": ("one", ["lm_head.weight" if "lm_head.weight" in names else pre + "wte.weight"])}
+        for i in range(c.num_layers):
+            p, q = f"layers.{i}.", f"{pre}h.{i}."
+            for ours, theirs, how in (("attn_norm", "ln_1", "one"), ("mlp_norm", "ln_2", "one"),
+                                      ("qkv", "attn.c_attn", "conv1d"), ("o", "attn.c_proj", "conv1d"),
+                                      ("fc", "mlp.c_fc", "conv1d"), ("proj", "mlp.c_proj", "conv1d")):
+                m[p + ours + ".weight"] = (how, [q + theirs + ".weight"])
+                m[p + ours + ".bias"] = ("one", [q + theirs + ".bias"])
+        return m
+    m = {"embed": ("one", ["model.embed_tokens.weight"]), "final_norm.weight": ("one", ["model.norm.weight"]),
+         "lm_head": ("one", ["lm_head.weight" if "lm_head.weight" in names and not c.tie_word_embeddings
+                             else "model.embed_tokens.weight"])}
+    for i in range(c.num_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        a, f = q + "self_attn.", q + "mlp."
+        for kind in ("weight", "bias"):
+            m[f"{p}qkv.{kind}"] = ("cat", [f"{a}{x}_proj.{kind}" for x in "qkv"])
+            m[f"{p}o.{kind}"] = ("one", [f"{a}o_proj.{kind}"])
+            m[f"{p}gate_up.{kind}"] = ("cat", [f"{f}gate_proj.{kind}", f"{f}up_proj.{kind}"])
+            m[f"{p}down.{kind}"] = ("one", [f"{f}down_proj.{kind}"])
+        m[p + "attn_norm.weight"] = ("one", [q + "input_layernorm.weight"])
+        m[p + "mlp_norm.weight"] = ("one", [q + "post_attention_layernorm.weight"])
+    return m
+
+
+def load_weights(ckpt, dtype, device, progress=True):
+    """Read, rearrange and check every tensor the network needs, one at a time."""
+    from tqdm import tqdm
+
+    c = ckpt.config
+    shapes = _expected_shapes(c)
+    sources = _sources(c, set(ckpt.names()))
+    weights = {}
+    for name in tqdm(shapes, desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr):
+        how, parts = sources[name]
+        if name == "lm_head" and parts == sources["embed"][1]:
+            weights[name] = weights["embed"]  # tied embeddings: one tensor, not a copy
+            continue
+        tensors = [ckpt.get(p, dtype, device) for p in parts]
+        t = torch.cat(tensors) if how == "cat" else tensors[0].t().contiguous() if how == "conv1d" else tensors[0]
+        if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"tensor {' + '.join(parts)} has shape {tuple(t.shape)}, but the config "
+                             f"({c.arch}, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads}) "
+                             f"needs {shapes[name]}")
+        weights[name] = t
+    return weights
+
+
+class Model:
+    """A loaded model: `generate`, `chat`, `logits`, plus `tokenizer` and `config`."""
+
+    def __init__(self, net, tokenizer, backend):
+        self.net = net
+        self.config = net.config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.device = net.w["embed"].device
+        self.dtype = net.w["embed"].dtype
+        self.last_stats = None
+
+    @classmethod
+    def load(cls, source, dtype=None, device=None, backend="auto", progress=True):
+        device = parse_device(device)
+        dtype = parse_dtype(dtype) or default_dtype(device)
+        ops.check_backend_name(backend)
+        for op in OPS:  # fail now, not mid-generation, if a backend cannot run here
+            ops.implementation(op, backend, device)
+        ckpt = open_checkpoint(source)
+        tokenizer = ckpt.tokenizer()
+        weights = load_weights(ckpt, dtype, device, progress)
+        model = cls(Transformer(ckpt.config, weights, backend, device), tokenizer, backend)
+        if progress:
+            model._print_sizes(weights)
+        return model
+
+    def _print_sizes(self, weights):
+        c = self.config
+        unique = {id(t): t for t in weights.values()}.values()
+        weight_bytes = sum(t.numel() * t.element_size() for t in unique)
+        kv = KVCache.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        print(f"fuselm: {c.arch} {c.num_layers} layers, hidden {c.hidden_size}, weights "
+              f"{weight_bytes / 2**20:.1f} MiB {str(self.dtype).replace('torch.', '')} on {self.device}; "
+              f"KV cache {kv / 2**10:.1f} KiB/token, {kv * c.max_position_embeddings / 2**20:.1f} MiB "
+              f"for the full {c.max_position_embeddings}-token context", file=sys.stderr)
+
+    def logits(self, input_ids):
+        """float32 logits [B, S, V] of a full forward pass over input_ids [B, S] (or [S])."""
+        ids = torch.as_tensor(input_ids, device=self.device)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be integer ids of shape [B, S] with S >= 1, got {tuple(ids.shape)}")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"input of {ids.shape[1]} tokens is longer than the model's context "
+                             f"({self.config.max_position_embeddings})")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"input_ids must be in [0, {self.config.vocab_size})")
+        with torch.inference_mode():
+            return self.net.forward(ids.long())
+
+    def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                 seed=None, stop=None, stream=False):
+        """Complete one prompt (-> str) or a list of prompts (-> list[str]); greedy by default.
+        stream=True (one prompt) yields the text piece by piece instead."""
+        from .generate import generate
+        return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, min_p=min_p, seed=seed, stop=stop, stream=stream)
+
+    def chat(self, messages, **kwargs):
+        """Reply to chat messages [{"role": ..., "content": ...}] with the model's chat template."""
+        from .generate import generate
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # the template already wrote the special tokens (BOS, role markers) as text
+        return generate(self, text, add_special_tokens=False, **kwargs)
