@@ -1,0 +1,238 @@
+"""Decode attention over a static KV cache: split-KV flash-decoding in Triton.
+
+For each sequence b and query head h (one new token per sequence):
+
+    out[b, h] = sum_{j < L_b} softmax_j(scale * q[b, h] . k[b, j, h // G]) v[b, j, h // G]
+
+with L_b = seqlens[b], G = Hq // Hkv query heads per KV head (GQA; G = 1 is
+MHA, Hkv = 1 is MQA). A row with L_b == 0 outputs zeros.
+
+One query per sequence is too little work to fill a GPU, so the cache length is
+cut into chunks of CHUNK positions and (split, kv head, batch) programs run in
+parallel (`_decode_split_kernel`). Each program loads every K/V tile of its
+chunk once for the whole head group, runs an online softmax (fp32 running max
+and sum, exp2 with log2(e) folded into the scale) and writes a normalized
+partial output o_s [G, D] and its log-sum-exp lse_s (base 2, fp32). The combine
+kernel then forms
+
+    out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),   M = max_s lse_s.
+
+Chunks that start at or past L_b exit without writing; the combine reads only
+the ceil(L_b / CHUNK) splits that exist. When the whole cache fits in one chunk
+the split kernel normalizes and writes the output itself (one launch).
+
+CHUNK depends only on Smax and the device, never on the batch size or on the
+values in seqlens: the launch shape is static (CUDA-graph capturable, no host
+sync) and a row's reduction order does not depend on the rest of the batch
+(batch invariance).
+
+Head group and tl.dot: the scores q K^T for a group are a [G, BLOCK_N] tile and
+p V a [G, D] tile. We always use tl.dot with the group padded to a power of two
+>= 16 (padded rows load zeros and are never stored). Decode is memory-bound
+(~1 FLOP per byte of cache per query head) and tensor cores have two orders of
+magnitude of headroom, so the padding costs nothing measurable, while a
+broadcast multiply-sum would hold a [G, BLOCK_N, D] fp32 product in registers.
+
+Bytes moved (the limit): K and V read once, sum_b L_b * Hkv * D * 2 * elt,
+plus q and out (B * Hq * D * elt each); the partials add B * Hq * splits *
+(D + 1) * 4 written and read once, small next to the cache at long context.
+FLOPs: 4 * sum_b L_b * Hq * D.
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b with an fp32 result. UPCAST: bf16 operands under the interpreter
+    (its bf16 tl.dot multiplies raw bit patterns). IEEE: fp32 inputs stay fp32
+    on the GPU instead of tf32."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q_ptr, K_ptr, V_ptr, Seqlens_ptr, Out_ptr, OPart_ptr, Lse_ptr,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_oh,                         # Out [B, Hq, D], last dim contiguous
+    stride_pb, stride_ph, stride_ps,              # OPart [B, Hq, splits, D], last dim contiguous
+    stride_lb, stride_lh,                         # Lse [B, Hq, splits], last dim contiguous
+    qk_scale, GROUP, HEAD_DIM: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    split = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # int64: b * stride overflows int32 on large caches
+    seqlen = tl.load(Seqlens_ptr + b).to(tl.int32)
+    start = split * CHUNK
+    if SPLIT:
+        if start >= seqlen:  # neutral split: the combine never reads it
+            return
+    end = tl.minimum(start + CHUNK, seqlen)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + offs_g                                  # query heads of this KV head
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+
+    q_ptrs = Q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)      # [BLOCK_G, BLOCK_D]
+    # K^T tile pointers [BLOCK_D, BLOCK_N] and V tile pointers [BLOCK_N, BLOCK_D] at key `start`
+    k_ptrs = (K_ptr + b * stride_kb + kvh * stride_kh
+              + offs_d[:, None] * stride_kd + (start + offs_n)[None, :] * stride_ks)
+    v_ptrs = (V_ptr + b * stride_vb + kvh * stride_vh
+              + (start + offs_n)[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)          # running max (log2 units)
+    l_i = tl.zeros([BLOCK_G], tl.float32)                         # running sum of 2^(s - m)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n in range(start, end, BLOCK_N):
+        # keys past seqlen are never loaded, so garbage (NaN) there cannot leak in
+        mask_n = (n + offs_n) < end
+        k = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = _dot(q, k, UPCAST, IEEE) * qk_scale                                 # [BLOCK_G, BLOCK_N]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # -inf only if every score so far is -inf (infinite inputs): subtract 0 so those keys
+        # get weight 0, as in the reference's softmax, instead of exp2(-inf + inf) = NaN
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+
+    mask_gd = mask_g[:, None] & mask_d[None, :]
+    if SPLIT:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i = 0: all scores -inf, weight 0 below
+        p_ptrs = OPart_ptr + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
+        tl.store(p_ptrs, acc, mask=mask_gd)
+        tl.store(Lse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=mask_g)
+    else:
+        # l_i is 0 for seqlen 0 and NaN for NaN/+inf scores: the reference outputs zeros for both
+        valid = (l_i > 0)[:, None]
+        acc = tl.where(valid, acc, 0.0) / tl.where(valid, l_i[:, None], 1.0)
+        o_ptrs = Out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(Out_ptr.dtype.element_ty), mask=mask_gd)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    OPart_ptr, Lse_ptr, Seqlens_ptr, Out_ptr,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    seqlen = tl.load(Seqlens_ptr + b).to(tl.int32)
+    n_splits = (seqlen + CHUNK - 1) // CHUNK                     # the splits that wrote a partial
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < n_splits
+    mask_d = offs_d < HEAD_DIM
+
+    lse = tl.load(Lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))                     # [BLOCK_S], 0 where masked
+    o_ptrs = OPart_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :]
+    o = tl.load(o_ptrs, mask=mask_s[:, None] & mask_d[None, :], other=0.0)       # [BLOCK_S, BLOCK_D]
+    acc = tl.sum(w[:, None] * o, 0)                                              # [BLOCK_D]
+    # the sum of weights is 0 for seqlen 0 (or all scores -inf) and NaN when a split saw NaN/+inf
+    # scores: the reference outputs zeros for both. NaN from V still propagates through acc.
+    denom = tl.sum(w, 0)
+    valid = denom > 0
+    out = tl.where(valid, acc, 0.0) / tl.where(valid, denom, 1.0)
+    tl.store(Out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(Out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_plan(smax, head_dim, device):
+    """(CHUNK, BLOCK_N) for a cache of length smax: a function of Smax and the device only.
+
+    On a GPU aim for about half as many splits as there are SMs (batch 1 with 8
+    KV heads then gives ~4 programs per SM) but keep chunks >= 256 keys so the
+    partial outputs stay small next to the K/V bytes of a chunk. Under the
+    interpreter use tiny chunks so small test caches still exercise many splits.
+    """
+    if device.type == "cuda":
+        block_n = 64 if head_dim <= 128 else 32
+        target, min_chunk = max(1, _sm_count(device) // 2), 256
+    else:
+        block_n, target, min_chunk = 16, 4, 16
+    chunk = max(min_chunk, triton.cdiv(smax, target))
+    return triton.cdiv(chunk, block_n) * block_n, block_n
+
+
+def decode_attention(q, k_cache, v_cache, seqlens, scale=None):
+    """q [B, Hq, D], caches [B, Smax, Hkv, D] (any strides), seqlens [B] -> [B, Hq, D] in q.dtype."""
+    B, Hq, D = q.shape
+    Smax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if seqlens.dtype not in (torch.int32, torch.int64):
+        seqlens = seqlens.to(torch.int32)
+    seqlens = seqlens.contiguous()
+
+    chunk, block_n = split_plan(Smax, D, q.device)
+    splits = max(1, triton.cdiv(Smax, chunk))
+    block_d = max(16, triton.next_power_of_2(D))
+    if splits > 1:
+        o_part = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+        part_strides = (*o_part.stride()[:3], *lse.stride()[:2])
+    else:  # the split kernel writes `out` itself; the partial pointers are never used
+        o_part = lse = out
+        part_strides = (0,) * 5
+    _decode_split_kernel[(splits, Hkv, B)](
+        q, k_cache, v_cache, seqlens, out, o_part, lse,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        out.stride(0), out.stride(1), *part_strides,
+        scale * LOG2E, group, D,
+        CHUNK=chunk, BLOCK_N=block_n, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
+        SPLIT=splits > 1, UPCAST=_interpreting() and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        # 3 stages of K/V tiles in flight for 16-bit caches; fp32 tiles are twice the shared memory
+        num_warps=4, num_stages=2 if q.dtype == torch.float32 else 3,
+    )
+    if splits > 1:
+        _decode_combine_kernel[(Hq, B)](
+            o_part, lse, seqlens, out, *part_strides,
+            out.stride(0), out.stride(1),
+            D,
+            CHUNK=chunk, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,165 @@
+"""decode_attention kernels vs runtime/reference.py: shapes, GQA/MQA, strides, garbage, invariance.
+
+Under the interpreter (no GPU) the split-KV kernel uses 16-key chunks, so caches
+of a few dozen positions already exercise several splits, ragged last chunks and
+splits past seqlens; on a GPU the chunks are >= 256 keys and the sizes grow.
+"""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fuselm import ops, reference
+from tests.checks import assert_matches, kernel_backends
+from tests.conftest import DEVICE
+
+BACKENDS = kernel_backends("decode_attention")
+ON_GPU = DEVICE.type == "cuda"
+MAX_SMAX = 1100 if ON_GPU else 70
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _chunk(smax, head_dim):
+    """The split length the triton kernel uses (to aim seqlens at chunk boundaries)."""
+    from fuselm.kernels.decode import split_plan
+    return split_plan(smax, head_dim, DEVICE)[0]
+
+
+def _randn(shape, dtype, magnitude=1.0):
+    return (torch.randn(shape, device=DEVICE) * magnitude).to(dtype)
+
+
+def _cache(layout, B, smax, hkv, D, dtype, magnitude):
+    """A [B, Smax, Hkv, D] cache view: contiguous, sliced out of a bigger buffer, or head-major."""
+    if layout == "contiguous":
+        return _randn((B, smax, hkv, D), dtype, magnitude)
+    if layout == "sliced":  # a cache allocated with more positions, heads and padding than used
+        return _randn((B, smax + 5, hkv + 1, D + 8), dtype, magnitude)[:, 2:smax + 2, 1:, 3:D + 3]
+    return _randn((B, hkv, smax, D), dtype, magnitude).transpose(1, 2)  # [B, Hkv, Smax, D] storage
+
+
+@st.composite
+def decode_cases(draw):
+    B = draw(st.integers(1, 3))
+    smax = draw(st.integers(1, MAX_SMAX))
+    hkv = draw(st.integers(1, 3))
+    group = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    D = draw(st.sampled_from([16, 24, 64, 80, 96, 128, 256]))
+    chunk = _chunk(smax, D)
+    special = [0, 1, smax, chunk - 1, chunk, chunk + 1, 2 * chunk + 3]
+    row_len = st.one_of(st.sampled_from([n for n in special if 0 <= n <= smax]), st.integers(0, smax))
+    return dict(
+        B=B, smax=smax, hkv=hkv, group=group, D=D,
+        seqlens=draw(st.lists(row_len, min_size=B, max_size=B)),
+        seqlens_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        dtype=draw(st.sampled_from(DTYPES)),
+        scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0))),
+        k_layout=draw(st.sampled_from(["contiguous", "sliced", "head-major"])),
+        v_layout=draw(st.sampled_from(["contiguous", "sliced", "head-major"])),
+        q_sliced=draw(st.booleans()),
+        magnitude=draw(st.sampled_from([1.0, 1.0, 20.0])),
+        garbage=draw(st.sampled_from([None, float("nan"), float("inf")])),
+    )
+
+
+def _fill_past_seqlens(cache, seqlens, value):
+    """Write `value` into every position at or past seqlens[b] (in place, through the view)."""
+    pos = torch.arange(cache.shape[1], device=cache.device).view(1, -1)
+    cache[pos >= seqlens.view(-1, 1)] = value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=decode_cases())
+def test_matches_reference(backend, case):
+    B, hkv, D, dtype, mag = case["B"], case["hkv"], case["D"], case["dtype"], case["magnitude"]
+    hq = hkv * case["group"]
+    if case["q_sliced"]:  # q as a slice of a fused qkv projection output
+        q = _randn((B, hq + 2 * hkv, D), dtype, mag)[:, :hq]
+    else:
+        q = _randn((B, hq, D), dtype, mag)
+    k = _cache(case["k_layout"], B, case["smax"], hkv, D, dtype, mag)
+    v = _cache(case["v_layout"], B, case["smax"], hkv, D, dtype, mag)
+    seqlens = torch.tensor(case["seqlens"], dtype=case["seqlens_dtype"], device=DEVICE)
+
+    expected = reference.decode_attention(q, k, v, seqlens, scale=case["scale"])
+    if case["garbage"] is not None:  # what lies past seqlens must not reach the output
+        _fill_past_seqlens(k, seqlens, case["garbage"])
+        _fill_past_seqlens(v, seqlens, case["garbage"])
+    out = ops.decode_attention(q, k, v, seqlens, scale=case["scale"], backend=backend)
+    assert_matches(out, expected, dtype, what=str(case))
+    empty = seqlens == 0
+    assert torch.equal(out[empty], torch.zeros_like(out[empty])), "seqlens 0 must give zeros"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(B=st.integers(2, 5), smax=st.integers(1, MAX_SMAX), dtype=st.sampled_from(DTYPES), data=st.data())
+def test_batch_invariance(backend, B, smax, dtype, data):
+    """Row b's output is bitwise the same computed alone or inside a bigger batch."""
+    hkv, group, D = 2, 4, 64
+    q = _randn((B, hkv * group, D), dtype)
+    k = _randn((B, smax, hkv, D), dtype)
+    v = _randn((B, smax, hkv, D), dtype)
+    seqlens = torch.tensor(data.draw(st.lists(st.integers(0, smax), min_size=B, max_size=B)),
+                           dtype=torch.int32, device=DEVICE)
+    full = ops.decode_attention(q, k, v, seqlens, backend=backend)
+    b = data.draw(st.integers(0, B - 1))
+    alone = ops.decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], seqlens[b:b + 1], backend=backend)
+    assert torch.equal(full[b:b + 1], alone)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter, on inf - inf
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where, value", [("q", "nan"), ("k", "nan"), ("k", "inf"), ("k", "-inf"), ("v", "nan")])
+def test_nonfinite_visible_values_match_reference(backend, where, value):
+    """NaN/inf inside the visible cache or in q behave like the reference: scores that are
+    NaN or +inf zero their head (the reference's softmax gives NaN and zeroes it), a -inf
+    score only drops its key, NaN in V propagates to the output."""
+    chunk = _chunk(40, 32)
+    B, smax, hkv, group, D = 2, 3 * chunk + 5, 2, 2, 32
+    q = _randn((B, hkv * group, D), torch.float32)
+    k = _randn((B, smax, hkv, D), torch.float32)
+    v = _randn((B, smax, hkv, D), torch.float32)
+    seqlens = torch.tensor([smax, smax - 7], dtype=torch.int32, device=DEVICE)
+    # for k: keys 0 .. chunk+2 of kv head 0, a whole split and part of the next
+    target = {"q": q[0, 1], "k": k[1, :chunk + 3, 0], "v": v[1, smax - 8, 1]}[where]
+    if value == "nan":
+        target.fill_(float("nan"))
+    else:  # q > 0 makes every score of those keys +inf or -inf for all heads of the group
+        q[1, :group].abs_()
+        target.fill_(float(value))
+    expected = reference.decode_attention(q, k, v, seqlens)
+    out = ops.decode_attention(q, k, v, seqlens, backend=backend)
+    assert_matches(out, expected, torch.float32, what=f"{where}={value}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B, hq, hkv, smax, D", [(0, 4, 2, 8, 32), (2, 0, 1, 8, 32), (2, 4, 2, 0, 32)])
+def test_empty_shapes(backend, B, hq, hkv, smax, D):
+    """Empty batch, no query heads, or an empty cache: the reference's empty/zero result."""
+    q = _randn((B, hq, D), torch.float16)
+    k = _randn((B, smax, hkv, D), torch.float16)
+    v = _randn((B, smax, hkv, D), torch.float16)
+    seqlens = torch.zeros(B, dtype=torch.int32, device=DEVICE)
+    out = ops.decode_attention(q, k, v, seqlens, backend=backend)
+    assert torch.equal(out, reference.decode_attention(q, k, v, seqlens))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_capture(backend):
+    """The decode step captures in a CUDA graph; replays follow seqlens updated in place."""
+    B, smax, hkv, group, D, dtype = 3, 2000, 2, 4, 128, torch.bfloat16
+    q = _randn((B, hkv * group, D), dtype)
+    k = _randn((B, smax, hkv, D), dtype)
+    v = _randn((B, smax, hkv, D), dtype)
+    seqlens = torch.tensor([1, 700, smax], dtype=torch.int32, device=DEVICE)
+    ops.decode_attention(q, k, v, seqlens, backend=backend)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.decode_attention(q, k, v, seqlens, backend=backend)
+    for lens in ([0, 1, 2], [300, 1999, 1000], [smax, 257, 513]):
+        seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        assert_matches(out, reference.decode_attention(q, k, v, seqlens), dtype, what=str(lens))
