@@ -49,20 +49,6 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """a @ b with an fp32 result. UPCAST: bf16 operands under the interpreter
-    (its bf16 tl.dot multiplies raw bit patterns). IEEE: fp32 inputs stay fp32
-    on the GPU instead of tf32."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
 def _decode_split_kernel(
     Q_ptr, K_ptr, V_ptr, Seqlens_ptr, Out_ptr, OPart_ptr, Lse_ptr,
     stride_qb, stride_qh, stride_qd,
@@ -71,14 +57,17 @@ def _decode_split_kernel(
     stride_ob, stride_oh,                         # Out [B, Hq, D], last dim contiguous
     stride_pb, stride_ph, stride_ps,              # OPart [B, Hq, splits, D], last dim contiguous
     stride_lb, stride_lh,                         # Lse [B, Hq, splits], last dim contiguous
-    qk_scale, GROUP, HEAD_DIM: tl.constexpr,
+    qk_scale, GROUP, SMAX, HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # UPCAST: bf16 dot operands go to fp32 under the interpreter only (its bf16 tl.dot multiplies
+    # raw bit patterns). DOT_PRECISION: "ieee" keeps fp32 caches out of tf32 on the GPU.
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # int64: b * stride overflows int32 on large caches
-    seqlen = tl.load(Seqlens_ptr + b).to(tl.int32)
+    # clamped to [0, Smax] as the reference's mask does: never read past the cache
+    seqlen = tl.minimum(tl.maximum(tl.load(Seqlens_ptr + b).to(tl.int32), 0), SMAX)
     start = split * CHUNK
     if SPLIT:
         if start >= seqlen:  # neutral split: the combine never reads it
@@ -94,6 +83,8 @@ def _decode_split_kernel(
 
     q_ptrs = Q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)      # [BLOCK_G, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
     # K^T tile pointers [BLOCK_D, BLOCK_N] and V tile pointers [BLOCK_N, BLOCK_D] at key `start`
     k_ptrs = (K_ptr + b * stride_kb + kvh * stride_kh
               + offs_d[:, None] * stride_kd + (start + offs_n)[None, :] * stride_ks)
@@ -107,7 +98,9 @@ def _decode_split_kernel(
         # keys past seqlen are never loaded, so garbage (NaN) there cannot leak in
         mask_n = (n + offs_n) < end
         k = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = _dot(q, k, UPCAST, IEEE) * qk_scale                                 # [BLOCK_G, BLOCK_N]
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale              # [BLOCK_G, BLOCK_N]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # -inf only if every score so far is -inf (infinite inputs): subtract 0 so those keys
@@ -117,7 +110,10 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        p = p.to(V_ptr.dtype.element_ty)  # the PV product runs on the cache dtype, as on the GPU
+        if UPCAST:
+            p, v = p.to(tl.float32), v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
@@ -142,12 +138,12 @@ def _decode_combine_kernel(
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr,
+    SMAX, HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    seqlen = tl.load(Seqlens_ptr + b).to(tl.int32)
+    seqlen = tl.minimum(tl.maximum(tl.load(Seqlens_ptr + b).to(tl.int32), 0), SMAX)
     n_splits = (seqlen + CHUNK - 1) // CHUNK                     # the splits that wrote a partial
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -221,18 +217,20 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None):
         q, k_cache, v_cache, seqlens, out, o_part, lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         out.stride(0), out.stride(1), *part_strides,
-        scale * LOG2E, group, D,
+        scale * LOG2E, group, Smax, D,
         CHUNK=chunk, BLOCK_N=block_n, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        SPLIT=splits > 1, UPCAST=_interpreting() and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        SPLIT=splits > 1, UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # 3 stages of K/V tiles in flight for 16-bit caches; fp32 tiles are twice the shared memory
         num_warps=4, num_stages=2 if q.dtype == torch.float32 else 3,
     )
     if splits > 1:
+        block_s = triton.next_power_of_2(splits)
         _decode_combine_kernel[(Hq, B)](
             o_part, lse, seqlens, out, *part_strides,
             out.stride(0), out.stride(1),
-            D,
-            CHUNK=chunk, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
-            num_warps=4,
+            Smax, D,
+            CHUNK=chunk, BLOCK_S=block_s, BLOCK_D=block_d,
+            num_warps=4 if block_s * block_d <= 8192 else 8,  # the [splits, D] fp32 tile stays in registers
         )
     return out

@@ -133,6 +133,19 @@ def test_nonfinite_visible_values_match_reference(backend, where, value):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_seqlens_clamp_like_reference(backend):
+    """seqlens outside [0, Smax] break the caller's contract; the kernel still never reads past
+    the cache and agrees with the reference (negative: nothing visible, > Smax: everything)."""
+    B, smax, hkv, group, D = 3, 2 * _chunk(40, 32) + 3, 1, 4, 32
+    q = _randn((B, hkv * group, D), torch.float16)
+    k = _randn((B, smax, hkv, D), torch.float16)
+    v = _randn((B, smax, hkv, D), torch.float16)
+    seqlens = torch.tensor([-5, smax + 1, 10 * smax], dtype=torch.int64, device=DEVICE)
+    out = ops.decode_attention(q, k, v, seqlens, backend=backend)
+    assert_matches(out, reference.decode_attention(q, k, v, seqlens), torch.float16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B, hq, hkv, smax, D", [(0, 4, 2, 8, 32), (2, 0, 1, 8, 32), (2, 4, 2, 0, 32)])
 def test_empty_shapes(backend, B, hq, hkv, smax, D):
     """Empty batch, no query heads, or an empty cache: the reference's empty/zero result."""
