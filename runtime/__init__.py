@@ -12,10 +12,13 @@ from .ops import set_backend
 __version__ = "0.1.0"
 
 
-def load(source, dtype=None, device=None, backend="auto"):
-    """Load a model: a Hugging Face directory, a .gguf file, or a built-in name."""
+def load(source, dtype=None, device=None, backend="auto", progress=True):
+    """Load a model: a Hugging Face directory, a .gguf file, or a built-in name.
+
+    progress=False hides the loading progress bar and the size summary.
+    """
     from .model import Model
-    return Model.load(source, dtype=dtype, device=device, backend=backend)
+    return Model.load(source, dtype=dtype, device=device, backend=backend, progress=progress)
 
 
 def __getattr__(name):
