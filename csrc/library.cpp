@@ -1,0 +1,21 @@
+// The fuselm operator library: schemas of torch.ops.fuselm.*. The CPU kernels
+// register in norm_cpu.cpp / sampling_cpu.cpp, the CUDA kernels in
+// norm_cuda.cu / sampling_cuda.cu, and the fake (shape) functions in Python
+// (fuselm.native), so the ops also trace under torch.compile.
+//
+// Semantics are those of runtime/reference.py. Outputs are fresh contiguous
+// tensors; no op mutates its inputs.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fuselm, m) {
+  // y = h * rsqrt(mean(h^2) + eps) * weight over the last dim, h = x.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // The same with h = x + residual (rounded to x.dtype); returns (y, h).
+  m.def("rms_norm.residual(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // y = (h - mean) * rsqrt(var + eps) * weight (+ bias).
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> Tensor");
+  m.def("layer_norm.residual(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
+  // One token per row of logits [B, V] -> [B] int64. temperature, top_p, min_p: float32,
+  // top_k: int64, each of shape () or [B]; seed: one int64 (the same seed gives the same tokens).
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed) -> Tensor");
+}

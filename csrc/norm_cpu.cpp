@@ -1,0 +1,105 @@
+// CPU RMSNorm / LayerNorm (+ fused residual add): torch.ops.fuselm.rms_norm
+// and layer_norm on CPU tensors. Formulas as in norm.cuh and runtime/reference.py.
+//
+// Rows are split over threads with at::parallel_for; each row is converted to
+// float32 once, its statistics accumulated in float64 (vectorized across
+// lanes), and written back in one pass: one read of x (and residual), one
+// write of y (and h), where the unfused reference makes about six passes.
+// A row's arithmetic does not depend on the other rows (batch invariant).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_vec.h"
+
+namespace fuselm {
+namespace {
+
+// Rows per parallel task: at least ~32k elements, so small inputs stay on one thread.
+int64_t grain(int64_t cols) { return std::max<int64_t>(1, 32768 / cols); }
+
+template <typename T>
+void norm_rows(const NormInputs& in, bool rms, double eps, at::Tensor& y, at::Tensor& h) {
+  const int64_t cols = in.cols;
+  std::vector<float> w(cols), b(in.bias.defined() ? cols : 0);
+  cpu::to_float(in.weight.const_data_ptr<T>(), w.data(), cols);
+  if (in.bias.defined()) cpu::to_float(in.bias.const_data_ptr<T>(), b.data(), cols);
+  const float* bias = in.bias.defined() ? b.data() : nullptr;
+  const T* x = in.x.const_data_ptr<T>();
+  const T* r = in.residual.defined() ? in.residual.const_data_ptr<T>() : nullptr;
+  const int64_t x_stride = in.x.stride(0), r_stride = r ? in.residual.stride(0) : 0;
+  T* y_data = y.mutable_data_ptr<T>();
+  T* h_data = r ? h.mutable_data_ptr<T>() : nullptr;
+
+  at::parallel_for(0, in.rows, grain(cols), [&](int64_t begin, int64_t end) {
+    std::vector<float> hf(cols), tmp(cols);  // [cols] float32 scratch per task
+    for (int64_t row = begin; row < end; ++row) {
+      cpu::to_float(x + row * x_stride, hf.data(), cols);
+      if (r) {
+        // h = x + residual rounded to T, and y computed from the rounded h.
+        cpu::to_float(r + row * r_stride, tmp.data(), cols);
+        cpu::add(hf.data(), tmp.data(), cols);
+        T* h_row = h_data + row * cols;
+        cpu::from_float(hf.data(), h_row, cols);
+        cpu::to_float(h_row, hf.data(), cols);
+      }
+      float mean = 0.f;
+      double var;
+      if (rms) {
+        var = cpu::sum_squares(hf.data(), cols) / cols;
+      } else {
+        mean = static_cast<float>(cpu::sum(hf.data(), cols) / cols);
+        var = cpu::sum_squared_deviations(hf.data(), cols, mean) / cols;  // two-pass: no cancellation
+      }
+      const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+      cpu::normalize(hf.data(), w.data(), bias, mean, rstd, tmp.data(), cols);
+      cpu::from_float(tmp.data(), y_data + row * cols, cols);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> norm(const char* op, bool rms, const at::Tensor& x,
+                                        const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, double eps) {
+  const NormInputs in = norm_inputs(op, x, residual, weight, bias);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor h = residual.has_value() ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  dispatch_float(x.scalar_type(), [&](auto tag) { norm_rows<decltype(tag)>(in, rms, eps, y, h); });
+  return {y, h};
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return std::get<0>(norm("fuselm::rms_norm", true, x, std::nullopt, weight, std::nullopt, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_residual(const at::Tensor& x, const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps) {
+  return norm("fuselm::rms_norm", true, x, residual, weight, std::nullopt, eps);
+}
+
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      double eps) {
+  return std::get<0>(norm("fuselm::layer_norm", false, x, std::nullopt, weight, bias, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_residual(const at::Tensor& x, const at::Tensor& residual,
+                                                       const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias, double eps) {
+  return norm("fuselm::layer_norm", false, x, residual, weight, bias, eps);
+}
+
+}  // namespace
+}  // namespace fuselm
+
+TORCH_LIBRARY_IMPL(fuselm, CPU, m) {
+  m.impl("rms_norm", &fuselm::rms_norm);
+  m.impl("rms_norm.residual", &fuselm::rms_norm_residual);
+  m.impl("layer_norm", &fuselm::layer_norm);
+  m.impl("layer_norm.residual", &fuselm::layer_norm_residual);
+}

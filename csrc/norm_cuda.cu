@@ -1,0 +1,77 @@
+// CUDA RMSNorm / LayerNorm glue: checks (checks.h), the current stream and
+// device, dtype dispatch, and a launch check after the kernel (norm.cuh).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "checks.h"
+#include "cuda_glue.h"
+#include "norm.cuh"
+
+namespace fuselm {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> norm(const char* op, bool rms, const at::Tensor& x,
+                                        const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, double eps) {
+  const NormInputs in = norm_inputs(op, x, residual, weight, bias);
+  TORCH_CHECK(in.rows <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows, got ", in.rows);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor h = residual.has_value() ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  NormArgs a;
+  a.x = in.x.const_data_ptr();
+  a.x_row_stride = in.x.stride(0);
+  a.residual = in.residual.defined() ? in.residual.const_data_ptr() : nullptr;
+  a.residual_row_stride = in.residual.defined() ? in.residual.stride(0) : 0;
+  a.weight = in.weight.const_data_ptr();
+  a.bias = in.bias.defined() ? in.bias.const_data_ptr() : nullptr;
+  a.y = y.mutable_data_ptr();
+  a.h = h.defined() ? h.mutable_data_ptr() : nullptr;
+  a.rows = in.rows;
+  a.cols = in.cols;
+  a.eps = static_cast<float>(eps);
+  a.rms = rms;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    launch_norm<typename CudaType<decltype(tag)>::type>(a, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, h};
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return std::get<0>(norm("fuselm::rms_norm", true, x, std::nullopt, weight, std::nullopt, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_residual(const at::Tensor& x, const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps) {
+  return norm("fuselm::rms_norm", true, x, residual, weight, std::nullopt, eps);
+}
+
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      double eps) {
+  return std::get<0>(norm("fuselm::layer_norm", false, x, std::nullopt, weight, bias, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_residual(const at::Tensor& x, const at::Tensor& residual,
+                                                       const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias, double eps) {
+  return norm("fuselm::layer_norm", false, x, residual, weight, bias, eps);
+}
+
+}  // namespace
+}  // namespace fuselm
+
+TORCH_LIBRARY_IMPL(fuselm, CUDA, m) {
+  m.impl("rms_norm", &fuselm::rms_norm);
+  m.impl("rms_norm.residual", &fuselm::rms_norm_residual);
+  m.impl("layer_norm", &fuselm::layer_norm);
+  m.impl("layer_norm.residual", &fuselm::layer_norm_residual);
+}

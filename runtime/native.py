@@ -1,0 +1,175 @@
+"""The "native" backend: C++/CUDA kernels from csrc/ behind torch.ops.fuselm.*.
+
+    from fuselm import native
+    y = native.rms_norm(x, weight)                 # same semantics as fuselm.reference
+    tokens = native.sample(logits, temperature=0.8, top_p=0.9)
+
+The extension is compiled just in time with torch.utils.cpp_extension (ninja)
+on first use of an op, or ahead of time with `build()` / `make native`, and
+cached under $FUSELM_BUILD_DIR, else torch's extensions directory. CUDA sources
+are added (sm_80 and sm_90a) when torch has CUDA and nvcc is found. Importing
+this module compiles nothing; without a compiler or ninja the ops raise a
+RuntimeError that says what is missing.
+
+The ops are registered with TORCH_LIBRARY as torch.ops.fuselm.rms_norm,
+layer_norm (overloads `.residual` return (y, h)) and sample; their fake
+(shape) functions below let torch.compile trace them. None of them syncs with
+the host, so they can be captured in a CUDA graph.
+"""
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+NAME = "fuselm_native"
+# One place for what gets compiled and how.
+CPU_SOURCES = ("library.cpp", "cpu_vec.cpp", "norm_cpu.cpp", "sampling_cpu.cpp")
+CUDA_SOURCES = ("norm_cuda.cu", "sampling_cuda.cu")
+CFLAGS = ["-O3", "-fopenmp-simd"]
+CUDA_FLAGS = [
+    "-O3",
+    "-gencode=arch=compute_80,code=[sm_80,compute_80]",  # A100 (+ PTX for later GPUs)
+    "-gencode=arch=compute_90a,code=sm_90a",              # H100 / H200
+]
+
+_lock = threading.Lock()
+_built = None  # path of the loaded library once built
+_built_cuda = False  # whether it holds the CUDA kernels
+
+
+def source_dir():
+    """The directory holding the C++/CUDA sources (the fuselm.csrc package)."""
+    from fuselm import csrc
+    return Path(csrc.__file__).resolve().parent
+
+
+def _with_cuda():
+    from torch.utils import cpp_extension
+    return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None and (
+        shutil.which("nvcc") is not None or Path(cpp_extension.CUDA_HOME, "bin", "nvcc").exists())
+
+
+def _check_toolchain():
+    """Raise a RuntimeError naming what is missing to compile the extension."""
+    from torch.utils import cpp_extension
+    missing = []
+    if not cpp_extension.is_ninja_available():
+        missing.append("ninja (pip install ninja)")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++ compiler ({cxx!r} from $CXX is not on PATH)" if "CXX" in os.environ
+                       else "a C++ compiler (c++ is not on PATH; install g++ or set $CXX)")
+    if missing:
+        raise RuntimeError("the fuselm native backend needs to compile its C++ extension, but "
+                           + " and ".join(missing) + " is missing; use backend='torch' or 'triton' instead")
+
+
+def _build_dir(name):
+    root = os.environ.get("FUSELM_BUILD_DIR")
+    if root:
+        path = os.path.join(root, name)
+    else:
+        from torch.utils import cpp_extension
+        path = cpp_extension._get_build_directory(name, verbose=False)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _up_to_date(build_dir):
+    """Whether a library in build_dir is newer than every source (then loading compiles nothing)."""
+    newest = max(p.stat().st_mtime for p in source_dir().iterdir() if p.suffix in (".cpp", ".cu", ".h", ".cuh"))
+    return any(lib.stat().st_mtime >= newest for lib in Path(build_dir).glob("*.so"))
+
+
+def build(verbose=False):
+    """Compile (once; cached) and load the extension; returns the library path."""
+    global _built, _built_cuda
+    with _lock:
+        if _built is not None:
+            return _built
+        _check_toolchain()
+        from torch.utils import cpp_extension
+        cuda = _with_cuda()
+        src = source_dir()
+        sources = [str(src / f) for f in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
+        name = NAME + ("_cuda" if cuda else "_cpu")
+        build_dir = _build_dir(name)
+        if not _up_to_date(build_dir):
+            print("building fuselm native extension (first use, ~1 min)...", flush=True)
+        try:
+            path = cpp_extension.load(
+                name=name, sources=sources, extra_cflags=CFLAGS,
+                extra_cuda_cflags=CUDA_FLAGS if cuda else None, extra_include_paths=[str(src)],
+                build_directory=build_dir, with_cuda=cuda, is_python_module=False, verbose=verbose)
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            raise RuntimeError(f"building the fuselm native extension in {build_dir} failed: {e}") from e
+        _register_fakes()
+        _built, _built_cuda = path, cuda
+        return path
+
+
+def _register_fakes():
+    """Shape functions for torch.compile / FakeTensor: outputs are fresh contiguous tensors."""
+    def norm(x, *args):
+        return x.new_empty(x.shape)
+
+    def norm_residual(x, *args):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    def sample(logits, *args):
+        return logits.new_empty(logits.shape[:1], dtype=torch.int64)
+
+    for op, fn in (("rms_norm", norm), ("rms_norm.residual", norm_residual), ("layer_norm", norm),
+                   ("layer_norm.residual", norm_residual), ("sample", sample)):
+        torch.library.register_fake(f"fuselm::{op}", fn)
+
+
+def _ops(device):
+    if _built is None:
+        build()
+    if device.type == "cuda" and not _built_cuda:
+        raise RuntimeError("the fuselm native extension was built without CUDA kernels (no nvcc, or no GPU "
+                           "visible, at build time); install the CUDA toolkit and remove the cached build in "
+                           f"{os.path.dirname(_built)}, or use backend='triton'")
+    return torch.ops.fuselm
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    """RMSNorm over the last dim; with `residual` returns (y, x + residual)."""
+    ops = _ops(x.device)
+    if residual is None:
+        return ops.rms_norm(x, weight, eps)
+    return ops.rms_norm.residual(x, residual, weight, eps)
+
+
+def layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    """LayerNorm over the last dim (bias may be None); with `residual` returns (y, x + residual)."""
+    ops = _ops(x.device)
+    if residual is None:
+        return ops.layer_norm(x, weight, bias, eps)
+    return ops.layer_norm.residual(x, residual, weight, bias, eps)
+
+
+def _param(value, dtype, device):
+    """A sampling parameter as a () or [B] tensor on `device`; numbers become a fill, not a copy."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype)
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None):
+    """One token per row of logits [B, V] -> [B] int64 (see fuselm.reference.sampling_probs).
+
+    The seed is drawn from `generator` (or the default generator of the logits'
+    device) as a tensor, so CUDA needs no host sync; the same generator state
+    gives the same tokens.
+    """
+    device = logits.device
+    ops = _ops(device)
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**62, (), generator=generator, device=gen_device, dtype=torch.int64).to(device)
+    return ops.sample(logits, _param(temperature, torch.float32, device), _param(top_k, torch.int64, device),
+                      _param(top_p, torch.float32, device), _param(min_p, torch.float32, device), seed)
