@@ -43,7 +43,7 @@ from torch import nn
 from . import ops
 
 try:
-    from transformers import AttentionInterface, GenerationConfig, LogitsProcessor, LogitsProcessorList
+    from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 except ImportError as e:  # pragma: no cover - depends on the installed transformers
@@ -122,7 +122,8 @@ def fuselm_mask(batch_size, kv_length, kv_offset=0, mask_function=causal_mask_fu
         return attention_mask
     args = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
                 mask_function=mask_function, attention_mask=attention_mask, **kwargs)
-    kv_len = int(kwargs.get("q_offset", 0)) + kwargs["q_length"]  # a StaticCache's offset is a tensor
+    q_offset = kwargs.get("q_offset")  # a StaticCache's is a 0-d tensor: reading it syncs once per forward
+    kv_len = (0 if q_offset is None else int(q_offset)) + kwargs["q_length"]
     kv_start, reason = None, None
     if kv_offset != 0:
         reason = "the cache dropped its oldest keys (sliding window)"
@@ -258,11 +259,12 @@ def apply(model, backend=None):
     if model_type not in SUPPORTED:
         raise ValueError(f"fuselm.hf.apply supports model types {', '.join(sorted(SUPPORTED))}; "
                          f"got {model_type!r} ({type(model).__name__}); the model was left untouched")
-    if backend is not None and backend != "auto" and backend not in ops.BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose None, 'auto' or one of {', '.join(ops.BACKENDS)}")
+    norm_names, attention_names = SUPPORTED[model_type]
+    device = next(model.parameters()).device
+    for op in ("attention", "decode_attention", "layer_norm" if model_type == "gpt2" else "rms_norm"):
+        ops.implementation(op, backend, device)  # an unknown or unavailable backend raises here, not mid-forward
     if getattr(model, "_fuselm_patch", None) is not None:
         revert(model)
-    norm_names, attention_names = SUPPORTED[model_type]
     modules = list(model.named_modules())
     norms = [(n, m, _norm_kind(m, norm_names)) for n, m in modules]
     attention = [m for _, m in modules if type(m).__name__ in attention_names]
@@ -344,9 +346,9 @@ def generate(model, inputs=None, *, temperature=None, top_k=None, top_p=None, mi
     """
     if kwargs.get("do_sample") is False:
         raise ValueError("fuselm.hf.generate samples; for greedy decoding call model.generate(do_sample=False)")
-    if (kwargs.get("num_beams") or 1) > 1:
+    config = kwargs.get("generation_config") or model.generation_config
+    if (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1:
         raise ValueError("fuselm.hf.generate samples one beam; num_beams > 1 is not supported")
-    config = kwargs.get("generation_config") or model.generation_config or GenerationConfig()
     for name, off in _UNSUPPORTED_WARPERS.items():
         value = kwargs.get(name, getattr(config, name, off))
         if value is not None and value != off:
@@ -356,9 +358,8 @@ def generate(model, inputs=None, *, temperature=None, top_k=None, top_p=None, mi
         value = getattr(config, name, None) if value is None else value
         return off if value is None else value
 
-    sampler = FuselmSampler(float(pick(temperature, "temperature", 1.0)), int(pick(top_k, "top_k", 0)),
-                            float(pick(top_p, "top_p", 1.0)), float(pick(min_p, "min_p", 0.0)),
-                            generator=generator, backend=backend)
+    sampler = FuselmSampler(pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 0),
+                            pick(top_p, "top_p", 1.0), pick(min_p, "min_p", 0.0), generator=generator, backend=backend)
     processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
     processors.append(sampler)
     kwargs.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, logits_processor=processors)
