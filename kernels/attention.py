@@ -20,18 +20,22 @@ tile is loaded once for the whole group instead of once per query head. This
 pays most for short Sq (chunked prefill), where G heads fill a block that one
 head alone would leave mostly empty.
 
+Head dims that are not powers of two (80, 96) run in a BLOCK_D = 128 tile with
+the extra columns masked to zero on load and never stored (the dots do 1.3-1.6x
+the useful work). Queries that see no key (causal with Sq > Sk) output zeros;
+a NaN in a query row makes that output row NaN and touches no other row.
+
 Work: FLOPs = 4 * B * Hq * Sq * Sk * D (two matmuls; about half that when
 causal with Sq == Sk). Bytes: read q and write out once (2 * B*Sq*Hq*D*e),
 read K and V once per BLOCK_M-row block of a head group
-(2 * B*Hkv*Sk*D*e * ceil(Sq*G / BLOCK_M), halved when causal), e = element size.
-For D >= 64 and Sq >= 128 this is far above the FLOP:byte ratio of a GPU, so
-the kernel is bound by tensor-core throughput.
+(2 * B*Hkv*Sk*D*e * ceil(Sq*G / BLOCK_M), about halved when causal),
+e = element size. For D >= 64 and Sq >= 128 that is far above a GPU's
+FLOP:byte ratio, so the kernel is bound by tensor-core throughput.
 
 Inputs may be strided views (e.g. q/k/v sliced from a packed qkv tensor): all
 four strides of each tensor go to the kernel, nothing is copied. The output is
 a fresh contiguous [B, Sq, Hq, D] tensor in q's dtype.
 """
-import math
 import os
 
 import torch
@@ -83,7 +87,8 @@ def _attn_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+# Lengths vary per call: specialising on them (== 1, % 16) would only multiply compilations.
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group", "rows_bucket", "keys_bucket"])
 def _attn_fwd_kernel(
     Q_ptr, K_ptr, V_ptr, O_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
@@ -156,31 +161,39 @@ def _attn_fwd_kernel(
     tl.store(o_ptrs, out.to(O_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+# CUDA tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, chosen so that none
+# spills registers or overflows shared memory on sm_90 (checked with ptxas for bf16); few per
+# head dim because every new (head dim, causal, dtype) compiles each of them once.
+TILES = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+    256: [(64, 64, 8, 2), (64, 32, 8, 2)],
+}
+# fp32 uses exact fp32 products (input_precision="ieee", no tensor cores): a correctness path
+# whose big tiles compile for a minute and spill, so it gets one small tile and no tuning.
+FP32_TILE = (32, 16, 4, 2)
+
+
+def _tiles_for(block_d):
+    return TILES[min(t for t in TILES if t >= block_d)]
+
+
 def _configs():
-    """Candidate tiles for CUDA; `_prune` drops the ones that do not fit a head dim / length."""
-    shapes = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-        (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
-        (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 3), (32, 64, 4, 3),
-        (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    shapes = {t for tiles in TILES.values() for t in tiles} | {FP32_TILE}
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in sorted(shapes)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Big head dims need small tiles (registers, shared memory); short queries need small BLOCK_M."""
+    """The tiles of this head dim (BLOCK_M no taller than the rows need), or the fp32 tile."""
     args = {**named_args, **kwargs}
-    block_d, rows = args["BLOCK_D"], args["rows_bucket"]
-    keep = []
-    for c in configs:
-        m, n, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
-        if block_d > 128 and (m * n > 128 * 64 or stages > 2):
-            continue
-        if block_d <= 128 and stages < 3:
-            continue
-        if m > max(rows, 32):
-            continue
-        keep.append(c)
-    return keep
+    if args["DOT_PRECISION"] == "ieee":
+        wanted = [FP32_TILE]
+    else:
+        tiles = _tiles_for(args["BLOCK_D"])
+        short = [t for t in tiles if t[0] <= max(args["rows_bucket"], 32)]
+        wanted = short or [min(tiles)]
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
 
 _attn_fwd_tuned = triton.autotune(
@@ -226,9 +239,10 @@ def attention(q, k, v, causal=True, scale=None):
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     if interpreting:
-        grid = (math.ceil(Sq * group / INTERPRET_CONFIG["BLOCK_M"]), Hkv, B)
+        grid = (triton.cdiv(Sq * group, INTERPRET_CONFIG["BLOCK_M"]), Hkv, B)
         _attn_fwd_kernel[grid](*args, **meta, **INTERPRET_CONFIG)
     else:
         grid = lambda cfg: (triton.cdiv(Sq * group, cfg["BLOCK_M"]), Hkv, B)  # noqa: E731
-        _attn_fwd_tuned[grid](*args, **meta)
+        with torch.cuda.device(q.device):  # triton launches on the current device
+            _attn_fwd_tuned[grid](*args, **meta)
     return out

@@ -4,8 +4,10 @@ Property tests draw batch, query/key lengths (equal, a query chunk after a
 cached prefix, 1, odd, not multiples of the tile), KV heads and the GQA group,
 head dims 64/80/96/128 (256 as explicit cases), dtypes, causal or not, the
 scale, and strided layouts (q/k/v sliced from a packed qkv tensor as the model
-produces them, [B, H, S, D] storage, a strided head dim). Explicit tests cover
-queries that see no key, NaN rows, large scores and batch invariance.
+produces them, [B, H, S, D] storage, a strided head dim, views into a bigger
+NaN-filled buffer so that any read past the sequence or head dim shows up as
+NaN). Explicit tests cover head dim 256, queries that see no key, NaN rows,
+large scores and batch invariance.
 Under the interpreter (no GPU) lengths stay small: it runs every tile in numpy.
 """
 import pytest
