@@ -56,8 +56,8 @@ def attention(q, k, v, causal=True, scale=None):
         i = torch.arange(Sq, device=q.device).view(Sq, 1)
         j = torch.arange(Sk, device=q.device).view(1, Sk)
         s = s.masked_fill(j > i + (Sk - Sq), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(nan=0.0)  # fully masked rows -> 0
-    if causal and Sq > Sk:
+    p = torch.softmax(s, dim=-1)
+    if causal and Sq > Sk:  # rows that see no key: softmax of all -inf is NaN; they output zeros
         p = p.masked_fill((torch.arange(Sq, device=q.device) < Sq - Sk).view(Sq, 1), 0.0)
     return (p @ vf).transpose(1, 2).to(q.dtype)                       # [B, Sq, Hq, D]
 
@@ -77,8 +77,9 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None):
     s = torch.einsum("bhd,bshd->bhs", q.float(), kf) * scale         # [B, Hq, Smax]
     visible = torch.arange(Smax, device=q.device).view(1, 1, Smax) < seqlens.view(B, 1, 1).to(q.device)
     s = s.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(nan=0.0)
-    p = p.masked_fill(~visible, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(~visible, 0.0)  # seqlens 0: NaN row -> zeros
+    # positions past seqlens may hold anything (even NaN); they must not reach the output
+    vf = vf.masked_fill(~visible.view(B, Smax, 1, 1), 0.0)
     return torch.einsum("bhs,bshd->bhd", p, vf).to(q.dtype)
 
 
