@@ -15,10 +15,17 @@ inline void check_float(const char* op, const char* name, const at::Tensor& t) {
               " must be float32, float16 or bfloat16, got ", d);
 }
 
-inline void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+inline void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but x is ",
-              x.scalar_type());
+}
+
+// A weight or bias: a float tensor of shape [cols] on x's device (any float dtype: kernels read it as float32).
+inline at::Tensor norm_param(const char* op, const char* name, const at::Tensor& p, const at::Tensor& x) {
+  check_float(op, name, p);
+  check_device(op, name, p, x);
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == x.size(-1), op, ": ", name, " must have shape (", x.size(-1),
+              ",), got ", p.sizes());
+  return p.contiguous();
 }
 
 // Calls fn(T{}) with T the C++ type of a float32/float16/bfloat16 dtype (checked before).
@@ -38,7 +45,7 @@ inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
   return rows.stride(1) == 1 ? rows : rows.contiguous();
 }
 
-// The inputs of rms_norm / layer_norm, checked and viewed as [rows, cols].
+// The inputs of rms_norm / layer_norm, checked; x and residual viewed as [rows, cols].
 struct NormInputs {
   at::Tensor x, residual, weight, bias;  // residual and bias undefined when absent
   int64_t rows, cols;
@@ -53,18 +60,12 @@ inline NormInputs norm_inputs(const char* op, const at::Tensor& x, const std::op
   in.cols = cols;
   in.rows = x.numel() / cols;
   in.x = as_rows(x, cols);
-  check_like(op, "weight", weight, x);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == cols, op, ": weight must have shape (", cols, ",), got ",
-              weight.sizes());
-  in.weight = weight.contiguous();
-  if (bias.has_value()) {
-    check_like(op, "bias", *bias, x);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == cols, op, ": bias must have shape (", cols, ",), got ",
-                bias->sizes());
-    in.bias = bias->contiguous();
-  }
+  in.weight = norm_param(op, "weight", weight, x);
+  if (bias.has_value()) in.bias = norm_param(op, "bias", *bias, x);
   if (residual.has_value()) {
-    check_like(op, "residual", *residual, x);
+    check_device(op, "residual", *residual, x);
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), op, ": residual is ", residual->scalar_type(),
+                " but x is ", x.scalar_type());
     TORCH_CHECK(residual->sizes() == x.sizes(), op, ": residual has shape ", residual->sizes(), " but x has ",
                 x.sizes());
     in.residual = as_rows(*residual, cols);

@@ -21,7 +21,8 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// N elements moved by one instruction when aligned (16 bytes for a full pack).
+// N elements moved together: one 16-byte access for a full aligned pack of 16-bit
+// or 32-bit elements (two for N float32 weights of a 16-bit row).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
@@ -56,6 +57,6 @@ __device__ __forceinline__ void store_pack(T* row, int64_t pack, int64_t cols, c
     if (base + j < cols) row[base + j] = p.v[j];
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace fuselm

@@ -5,7 +5,7 @@
 //   layer_norm: y = (h - mean(h)) * rsqrt(mean((h - mean)^2) + eps) * weight (+ bias)
 //
 // Statistics and y in float32, y rounded to T; y comes from the rounded h,
-// exactly as runtime/reference.py. Bytes moved for M rows of N columns with
+// exactly as runtime/reference.py. weight and bias are of type W: T or float32. Bytes moved for M rows of N columns with
 // element size e: read M*N*e (x) [+ M*N*e residual] + N*e weight [+ bias],
 // write M*N*e (y) [+ M*N*e h]; a few FLOPs per element, so bandwidth bound.
 // The second (and LayerNorm's third) pass re-reads the row from L1/L2.
@@ -28,8 +28,8 @@ struct NormArgs {
   int64_t x_row_stride;
   const void* residual;       // nullptr: no residual
   int64_t residual_row_stride;
-  const void* weight;         // [cols]
-  const void* bias;           // [cols] or nullptr (layer_norm only)
+  const void* weight;         // [cols], element type W
+  const void* bias;           // [cols] of W, or nullptr (layer_norm only)
   void* y;                    // [rows, cols] contiguous
   void* h;                    // [rows, cols] contiguous, written when residual is given
   int64_t rows;
@@ -38,7 +38,7 @@ struct NormArgs {
   bool rms;                   // true: RMSNorm, false: LayerNorm
 };
 
-template <typename T, int N, bool ALIGNED>
+template <typename T, typename W, int N, bool ALIGNED>
 __global__ void __launch_bounds__(1024) norm_kernel(NormArgs a) {
   __shared__ float smem[kWarp];
   const int64_t row = blockIdx.x;
@@ -46,8 +46,8 @@ __global__ void __launch_bounds__(1024) norm_kernel(NormArgs a) {
   const int64_t n_packs = (cols + N - 1) / N;
   const T* x = static_cast<const T*>(a.x) + row * a.x_row_stride;
   const T* residual = a.residual ? static_cast<const T*>(a.residual) + row * a.residual_row_stride : nullptr;
-  const T* weight = static_cast<const T*>(a.weight);
-  const T* bias = static_cast<const T*>(a.bias);
+  const W* weight = static_cast<const W*>(a.weight);
+  const W* bias = static_cast<const W*>(a.bias);
   T* y = static_cast<T*>(a.y) + row * cols;
   T* h = residual ? static_cast<T*>(a.h) + row * cols : nullptr;
   // Passes after the first read h back: this thread wrote those packs itself.
@@ -92,10 +92,10 @@ __global__ void __launch_bounds__(1024) norm_kernel(NormArgs a) {
   // Last pass: y = (h - mean) * rstd * weight (+ bias), in the reference's order.
   for (int64_t i = threadIdx.x; i < n_packs; i += blockDim.x) {
     const Pack<T, N> hv = load_pack<T, N, ALIGNED>(h_in, i, cols);
-    const Pack<T, N> wv = load_pack<T, N, ALIGNED>(weight, i, cols);
+    const Pack<W, N> wv = load_pack<W, N, ALIGNED>(weight, i, cols);
     Pack<T, N> out;
     if (bias) {
-      const Pack<T, N> bv = load_pack<T, N, ALIGNED>(bias, i, cols);
+      const Pack<W, N> bv = load_pack<W, N, ALIGNED>(bias, i, cols);
 #pragma unroll
       for (int j = 0; j < N; ++j)
         out.v[j] = from_float<T>((to_float(hv.v[j]) - mean) * rstd * to_float(wv.v[j]) + to_float(bv.v[j]));
@@ -116,20 +116,21 @@ inline int norm_threads(int64_t cols) {
   return static_cast<int>(warps < 1 ? kWarp : (warps > 32 ? 1024 : warps * kWarp));
 }
 
-// Launch on `stream`; the caller checks the launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
-template <typename T>
+// Launch on `stream` (W: T or float); the caller checks the launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+template <typename T, typename W>
 inline void launch_norm(const NormArgs& a, cudaStream_t stream) {
   constexpr int N = pack_size<T>();
+  constexpr size_t w_pack = sizeof(W) * N;  // bytes of a weight pack (32 for float weights of 16-bit x)
   if (a.rows == 0) return;
-  const bool aligned = aligned16(a.x) && a.x_row_stride % N == 0 && aligned16(a.weight) && aligned16(a.y) &&
-                       a.cols % N == 0 && (a.bias == nullptr || aligned16(a.bias)) &&
-                       (a.residual == nullptr || (aligned16(a.residual) && aligned16(a.h) &&
+  const bool aligned = aligned_to(a.x, 16) && a.x_row_stride % N == 0 && aligned_to(a.y, 16) && a.cols % N == 0 &&
+                       aligned_to(a.weight, w_pack) && (a.bias == nullptr || aligned_to(a.bias, w_pack)) &&
+                       (a.residual == nullptr || (aligned_to(a.residual, 16) && aligned_to(a.h, 16) &&
                                                   a.residual_row_stride % N == 0));
   const dim3 grid(static_cast<unsigned>(a.rows)), block(norm_threads<T>(a.cols));
   if (aligned)
-    norm_kernel<T, N, true><<<grid, block, 0, stream>>>(a);
+    norm_kernel<T, W, N, true><<<grid, block, 0, stream>>>(a);
   else
-    norm_kernel<T, N, false><<<grid, block, 0, stream>>>(a);
+    norm_kernel<T, W, N, false><<<grid, block, 0, stream>>>(a);
 }
 
 }  // namespace fuselm

@@ -28,8 +28,14 @@ template <typename T>
 void norm_rows(const NormInputs& in, bool rms, double eps, at::Tensor& y, at::Tensor& h) {
   const int64_t cols = in.cols;
   std::vector<float> w(cols), b(in.bias.defined() ? cols : 0);
-  cpu::to_float(in.weight.const_data_ptr<T>(), w.data(), cols);
-  if (in.bias.defined()) cpu::to_float(in.bias.const_data_ptr<T>(), b.data(), cols);
+  dispatch_float(in.weight.scalar_type(), [&](auto tag) {
+    cpu::to_float(in.weight.const_data_ptr<decltype(tag)>(), w.data(), cols);
+  });
+  if (in.bias.defined()) {
+    dispatch_float(in.bias.scalar_type(), [&](auto tag) {
+      cpu::to_float(in.bias.const_data_ptr<decltype(tag)>(), b.data(), cols);
+    });
+  }
   const float* bias = in.bias.defined() ? b.data() : nullptr;
   const T* x = in.x.const_data_ptr<T>();
   const T* r = in.residual.defined() ? in.residual.const_data_ptr<T>() : nullptr;

@@ -30,8 +30,15 @@ std::tuple<at::Tensor, at::Tensor> norm(const char* op, bool rms, const at::Tens
   a.x_row_stride = in.x.stride(0);
   a.residual = in.residual.defined() ? in.residual.const_data_ptr() : nullptr;
   a.residual_row_stride = in.residual.defined() ? in.residual.stride(0) : 0;
-  a.weight = in.weight.const_data_ptr();
-  a.bias = in.bias.defined() ? in.bias.const_data_ptr() : nullptr;
+  // The kernels read weight and bias as x's dtype or float32 (both of the same type).
+  const at::ScalarType w_type =
+      in.weight.scalar_type() == x.scalar_type() && (!in.bias.defined() || in.bias.scalar_type() == x.scalar_type())
+          ? x.scalar_type()
+          : at::kFloat;
+  const at::Tensor weight_w = in.weight.to(w_type);
+  const at::Tensor bias_w = in.bias.defined() ? in.bias.to(w_type) : at::Tensor();
+  a.weight = weight_w.const_data_ptr();
+  a.bias = bias_w.defined() ? bias_w.const_data_ptr() : nullptr;
   a.y = y.mutable_data_ptr();
   a.h = h.defined() ? h.mutable_data_ptr() : nullptr;
   a.rows = in.rows;
@@ -40,7 +47,11 @@ std::tuple<at::Tensor, at::Tensor> norm(const char* op, bool rms, const at::Tens
   a.rms = rms;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   dispatch_float(x.scalar_type(), [&](auto tag) {
-    launch_norm<typename CudaType<decltype(tag)>::type>(a, stream);
+    using T = typename CudaType<decltype(tag)>::type;
+    if (w_type == x.scalar_type())
+      launch_norm<T, T>(a, stream);
+    else
+      launch_norm<T, float>(a, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, h};

@@ -10,9 +10,9 @@
 //           kept i whose running mass exceeds u * Z, in index order
 // Thresholds act on e, so tokens of equal probability are kept together, as in
 // runtime/reference.sampling_probs. Greedy rows (t == 0 or top_k == 1) return
-// the argmax (NaN first, then the first maximum, like torch.argmax). A sampled
-// row with no finite maximum (NaN / +inf / all -inf) has no distribution and
-// raises, as the reference's multinomial does.
+// the argmax (NaN first, then the first maximum, like torch.argmax), and so do
+// rows without a distribution (a NaN, +inf or only -inf), where the reference's
+// multinomial raises: a batch is never lost to one bad row. Same rule as CUDA.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -104,12 +104,11 @@ template <typename T>
 int64_t sample_row(const T* logits, int64_t vocab, int64_t row, const RowParams& p, uint64_t seed, float* e,
                    float* scratch) {
   cpu::to_float(logits, e, vocab);
-  if (p.temperature == 0.f || p.top_k == 1) return argmax(e, vocab);
-  TORCH_CHECK(!cpu::any_nan(e, vocab), "fuselm::sample: row ", row, " of logits contains NaN");
+  if (p.temperature == 0.f || p.top_k == 1 || cpu::any_nan(e, vocab)) return argmax(e, vocab);
+  // Division by t > 0 rounds monotonically, so max(l / t) == max(l) / t exactly.
+  const float m = cpu::max(e, vocab) / p.temperature;
+  if (!std::isfinite(m)) return argmax(e, vocab);  // +inf, all -inf or overflow: no distribution
   cpu::divide(e, vocab, p.temperature);
-  const float m = cpu::max(e, vocab);
-  TORCH_CHECK(std::isfinite(m), "fuselm::sample: row ", row, " of logits / temperature has no finite maximum (",
-              m, "), so it defines no distribution");
   cpu::exp_shifted(e, vocab, m);  // e in [0, 1], the max exactly 1
 
   float threshold = 0.f;

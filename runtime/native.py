@@ -78,37 +78,49 @@ def _build_dir(name):
     return path
 
 
-def _up_to_date(build_dir):
-    """Whether a library in build_dir is newer than every source (then loading compiles nothing)."""
-    newest = max(p.stat().st_mtime for p in source_dir().iterdir() if p.suffix in (".cpp", ".cu", ".h", ".cuh"))
-    return any(lib.stat().st_mtime >= newest for lib in Path(build_dir).glob("*.so"))
+def _up_to_date(lib):
+    """Whether the library exists and is newer than every source and this file (its flags)."""
+    inputs = [p for p in source_dir().iterdir() if p.suffix in (".cpp", ".cu", ".h", ".cuh")] + [Path(__file__)]
+    return lib.exists() and lib.stat().st_mtime >= max(p.stat().st_mtime for p in inputs)
 
 
 def build(verbose=False):
-    """Compile (once; cached) and load the extension; returns the library path."""
+    """Compile (once; cached) and load the extension; returns the library path.
+
+    A cached library that is newer than the sources is loaded directly, without
+    a compiler. The cache is per torch version, so an upgrade rebuilds.
+    """
     global _built, _built_cuda
     with _lock:
         if _built is not None:
             return _built
-        _check_toolchain()
-        from torch.utils import cpp_extension
         cuda = _with_cuda()
-        src = source_dir()
-        sources = [str(src / f) for f in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
-        name = NAME + ("_cuda" if cuda else "_cpu")
+        tag = "".join(c if c.isalnum() else "_" for c in torch.__version__)
+        name = f"{NAME}_{'cuda' if cuda else 'cpu'}_torch{tag}"
         build_dir = _build_dir(name)
-        if not _up_to_date(build_dir):
-            print("building fuselm native extension (first use, ~1 min)...", flush=True)
-        try:
-            path = cpp_extension.load(
-                name=name, sources=sources, extra_cflags=CFLAGS,
-                extra_cuda_cflags=CUDA_FLAGS if cuda else None, extra_include_paths=[str(src)],
-                build_directory=build_dir, with_cuda=cuda, is_python_module=False, verbose=verbose)
-        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-            raise RuntimeError(f"building the fuselm native extension in {build_dir} failed: {e}") from e
+        lib = Path(build_dir) / f"{name}.so"
+        if _up_to_date(lib):
+            torch.ops.load_library(str(lib))
+        else:
+            _compile(name, build_dir, cuda, verbose)
         _register_fakes()
-        _built, _built_cuda = path, cuda
-        return path
+        _built, _built_cuda = str(lib), cuda
+        return _built
+
+
+def _compile(name, build_dir, cuda, verbose):
+    _check_toolchain()
+    from torch.utils import cpp_extension
+    src = source_dir()
+    sources = [str(src / f) for f in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
+    print("building fuselm native extension (first use, ~1 min)...", flush=True)
+    try:
+        cpp_extension.load(
+            name=name, sources=sources, extra_cflags=CFLAGS, extra_cuda_cflags=CUDA_FLAGS if cuda else None,
+            extra_include_paths=[str(src)], build_directory=build_dir, with_cuda=cuda, is_python_module=False,
+            verbose=verbose)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        raise RuntimeError(f"building the fuselm native extension in {build_dir} failed: {e}") from e
 
 
 def _register_fakes():
