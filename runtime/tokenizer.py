@@ -11,6 +11,7 @@ Chat templates are untrusted code from model files: they render in jinja2's
 ImmutableSandboxedEnvironment, configured like transformers (trim_blocks,
 lstrip_blocks, loopcontrols, raise_exception, tojson without HTML escaping).
 """
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -87,6 +88,19 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset:
+        """Ids of the special added tokens (the ones decode(skip_special_tokens=True) drops)."""
+        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
+
+    @functools.cached_property
+    def byte_fallback_ids(self) -> frozenset:
+        """Ids of the "<0xHH>" tokens when the decoder has SentencePiece byte fallback, else empty."""
+        if "ByteFallback" not in repr(self._backend.decoder):
+            return frozenset()
+        vocab = self._backend.get_vocab()
+        return frozenset(i for b in range(256) if (i := vocab.get(f"<0x{b:02X}>")) is not None)
 
     # ---------------------------------------------------------------- construction
 
@@ -181,20 +195,28 @@ class StreamDecoder:
 
     Each step decodes a short window: the tokens that produced the last emitted text (the prefix)
     plus the new ones, and emits what the window adds beyond the prefix. Decoding with a prefix of
-    real text keeps context-dependent decoders right (SentencePiece's leading-space strip, byte
-    fallback). Text ending in U+FFFD is held back: a multi-byte UTF-8 character is still incomplete.
+    real text keeps context-dependent decoders right (SentencePiece's leading-space strip). Text is
+    held back while it may still change: when it ends in U+FFFD (a multi-byte UTF-8 character is
+    incomplete), or while the last visible token is a byte-fallback token ("<0xE2>"), since
+    SentencePiece decodes a whole run of byte tokens together.
     """
 
     def __init__(self, tokenizer, skip_special_tokens=True):
         self._tok, self._skip = tokenizer, skip_special_tokens
         self._ids = []
         self._prefix = self._read = 0  # window start; end of the tokens already turned into text
+        self._in_byte_run = False
 
     def _decode(self, start, end=None):
         return self._tok.decode(self._ids[start:end], skip_special_tokens=self._skip)
 
     def push(self, token_id) -> str:
-        self._ids.append(int(token_id))
+        token_id = int(token_id)
+        self._ids.append(token_id)
+        if not (self._skip and token_id in self._tok.special_ids):
+            self._in_byte_run = token_id in self._tok.byte_fallback_ids
+        if self._in_byte_run:
+            return ""
         prefix_text = self._decode(self._prefix, self._read)
         text = self._decode(self._prefix)
         if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
@@ -207,6 +229,7 @@ class StreamDecoder:
         prefix_text = self._decode(self._prefix, self._read)
         text = self._decode(self._prefix)
         self._prefix = self._read = len(self._ids)
+        self._in_byte_run = False
         return text[len(prefix_text):]
 
 

@@ -92,7 +92,9 @@ def save_tiny_model(arch: str, path, shards: int = 1, dtype=torch.float32, seed=
     shards > 1 splits the safetensors (model.safetensors.index.json) by max_shard_size.
     """
     import transformers
-    from tokenizers import processors
+    from tokenizers import Regex, pre_tokenizers, processors
+
+    from fuselm.tokenizer import GGUF_PRE_SPLITS
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -106,6 +108,10 @@ def save_tiny_model(arch: str, path, shards: int = 1, dtype=torch.float32, seed=
         kwargs["max_shard_size"] = total // shards + 1
     model.save_pretrained(path, **kwargs)
     tokenizer = tiny_tokenizer()
+    if arch == "qwen2":  # Qwen2's own split regex, which transformers 5 imposes on any qwen2 tokenizer anyway
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GGUF_PRE_SPLITS["qwen2"]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     add_bos = arch in ("llama", "mistral")  # like Llama 2 / Mistral; Qwen2 and GPT-2 add no BOS
     if add_bos:
         bos = SPECIAL_TOKENS[BOS]
