@@ -103,8 +103,9 @@ def _decode_split_kernel(
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale              # [BLOCK_G, BLOCK_N]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # -inf only if every score so far is -inf (infinite inputs): subtract 0 so those keys
-        # get weight 0, as in the reference's softmax, instead of exp2(-inf + inf) = NaN
+        # -inf only if every score so far is -inf (infinite inputs): subtract 0 so those keys get
+        # weight 0, as in the reference's softmax, instead of exp2(-inf + inf) = NaN; NaN and +inf
+        # scores still make l_i NaN, as the reference's softmax does
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_sub)
         p = tl.exp2(s - m_sub[:, None])
@@ -120,14 +121,13 @@ def _decode_split_kernel(
 
     mask_gd = mask_g[:, None] & mask_d[None, :]
     if SPLIT:
-        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i = 0: all scores -inf, weight 0 below
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i = 0: all scores -inf, lse -inf, weight 0
         p_ptrs = OPart_ptr + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
         tl.store(p_ptrs, acc, mask=mask_gd)
         tl.store(Lse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=mask_g)
     else:
-        # l_i is 0 for seqlen 0 and NaN for NaN/+inf scores: the reference outputs zeros for both
-        valid = (l_i > 0)[:, None]
-        acc = tl.where(valid, acc, 0.0) / tl.where(valid, l_i[:, None], 1.0)
+        # seqlen 0 -> zeros; l_i = 0 with seqlen > 0 (every score -inf) -> NaN like the reference
+        acc = acc / tl.where(seqlen > 0, l_i, 1.0)[:, None]
         o_ptrs = Out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(Out_ptr.dtype.element_ty), mask=mask_gd)
 
@@ -156,11 +156,8 @@ def _decode_combine_kernel(
     o_ptrs = OPart_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :]
     o = tl.load(o_ptrs, mask=mask_s[:, None] & mask_d[None, :], other=0.0)       # [BLOCK_S, BLOCK_D]
     acc = tl.sum(w[:, None] * o, 0)                                              # [BLOCK_D]
-    # the sum of weights is 0 for seqlen 0 (or all scores -inf) and NaN when a split saw NaN/+inf
-    # scores: the reference outputs zeros for both. NaN from V still propagates through acc.
-    denom = tl.sum(w, 0)
-    valid = denom > 0
-    out = tl.where(valid, acc, 0.0) / tl.where(valid, denom, 1.0)
+    # seqlen 0 -> zeros; a zero sum of weights otherwise (every score -inf) -> NaN like the reference
+    out = acc / tl.where(n_splits > 0, tl.sum(w, 0), 1.0)
     tl.store(Out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(Out_ptr.dtype.element_ty), mask=mask_d)
 
 
