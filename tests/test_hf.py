@@ -17,7 +17,7 @@ from tests.conftest import DEVICE
 from tests.fixtures import save_tiny_model, smollm2_path, tiny_config
 
 transformers = pytest.importorskip("transformers")
-hf = pytest.importorskip("fuselm.hf")
+import fuselm.hf as hf  # noqa: E402  (after the optional transformers import)
 
 CASES = [("llama", "torch"), ("qwen2", "torch"), ("mistral", "torch"), ("gpt2", "torch"),
          ("llama", "triton"), ("gpt2", "triton")]
@@ -33,7 +33,7 @@ def load(path, **kw):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """arch -> directory of a saved tiny model (weights scaled so greedy has no near-ties)."""
+    """arch -> directory of a saved tiny model (its weights are spread so greedy has no near-ties)."""
     paths = {}
 
     def get(arch):
