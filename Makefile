@@ -23,8 +23,9 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
+# full sizes on a GPU; quick (tiny) sizes on a CPU-only machine
 bench: install
-	$(PY) -m bench.run --quick
+	$(PY) -m bench.run $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')")
 
 native: install
 	$(PY) -c "import fuselm.native as n; n.build(verbose=True)"

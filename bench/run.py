@@ -1,0 +1,40 @@
+"""Run every benchmark, then write bench/results/<device>/results.json, report.md and plots.
+
+    python -m bench.run [--quick] [--device cuda]      (also: make bench, fuselm bench)
+
+Quick runs (tiny sizes, for checking that nothing rotted) go to
+bench/results/<device>-quick/, which git ignores.
+"""
+import importlib
+import sys
+import traceback
+
+from tqdm import tqdm
+
+from bench import common, report
+
+BENCHMARKS = ["norm", "attention", "decode", "sampling", "native_cpu", "e2e"]
+
+
+def main(argv=None):
+    args = common.parse_args(__doc__.splitlines()[0], argv)
+    out = args.out or str(common.RESULTS / (common.device_slug(args.device) + ("-quick" if args.quick else "")))
+    passthrough = ["--device", args.device, "--out", out] + (["--quick"] if args.quick else [])
+    if args.reps:
+        passthrough += ["--reps", str(args.reps)]
+    failed = []
+    for name in (bar := tqdm(BENCHMARKS, desc="benchmarks", unit="bench", file=sys.stderr)):
+        bar.set_postfix_str(name)
+        print(f"\n== {name}", flush=True)
+        try:
+            importlib.import_module(f"bench.{name}").main(passthrough)
+        except Exception:  # one broken benchmark must not hide the others' results
+            traceback.print_exc()
+            failed.append(name)
+    print("report:", report.write(out))
+    if failed:
+        raise SystemExit(f"benchmarks failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
