@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
+from .graphs import DecodeGraph
 
 log = logging.getLogger("fuselm")
 
@@ -70,8 +71,11 @@ def generate_tokens(model, prompt_ids, max_new_tokens, pick, stats):
         stats.prompt_tokens = sum(map(len, prompt_ids))
         yield out
         t0 = time.perf_counter()
+        step_fn = lambda t: net.decode(t, cache)  # noqa: E731
+        if model.use_cuda_graph and max_new_tokens > 2:
+            step_fn = DecodeGraph(net, cache, tokens)
         for step in range(1, max_new_tokens):
-            tokens = pick(net.decode(tokens, cache))
+            tokens = pick(step_fn(tokens))
             out = tokens.tolist()
             stats.decode_steps = step
             stats.decode_seconds = time.perf_counter() - t0

@@ -8,6 +8,7 @@ matrix, gate/up fused into one, GPT-2's Conv1D [in, out] transposed to [out, in]
 Every norm and attention goes through `fuselm.ops`, so the backend is one switch.
 The residual add is fused into the next norm: `h, r = norm(a, residual=r)`.
 """
+import os
 import sys
 
 import torch
@@ -261,6 +262,8 @@ class Model:
         self.device = net.w["embed"].device
         self.dtype = net.w["embed"].dtype
         self.last_stats = None
+        # decode steps replay a CUDA graph on GPUs; FUSELM_CUDA_GRAPHS=0 runs them eagerly (debugging)
+        self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("FUSELM_CUDA_GRAPHS", "1") != "0"
 
     @classmethod
     def load(cls, source, dtype=None, device=None, backend="auto", progress=True):

@@ -208,3 +208,13 @@ def test_smollm2_load_peak_memory_below_0_9_gb(tmp_path):
     peak_kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                   check=True).stdout.split()[-1])
     assert peak_kib * 1024 < 0.9e9, f"peak RSS {peak_kib / 2**20:.2f} GiB"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_equals_eager(tmp_path):
+    m = fuselm.load(save_tiny_model("llama", tmp_path), dtype="float32", device="cuda", progress=False)
+    prompts = ["hello world", "a longer prompt with more words"]
+    assert m.use_cuda_graph
+    graphed = m.generate(prompts, max_new_tokens=16)
+    m.use_cuda_graph = False
+    assert m.generate(prompts, max_new_tokens=16) == graphed
