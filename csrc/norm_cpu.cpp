@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -44,28 +45,40 @@ void norm_rows(const NormInputs& in, bool rms, double eps, at::Tensor& y, at::Te
   T* h_data = r ? h.mutable_data_ptr<T>() : nullptr;
 
   at::parallel_for(0, in.rows, grain(cols), [&](int64_t begin, int64_t end) {
-    std::vector<float> hf(cols), tmp(cols);  // [cols] float32 scratch per task
+    constexpr bool kFloat = std::is_same_v<T, float>;  // float32 rows are read and written in place
+    std::vector<float> buf(cols), tmp(cols);            // [cols] float32 scratch per task
     for (int64_t row = begin; row < end; ++row) {
-      cpu::to_float(x + row * x_stride, hf.data(), cols);
+      const T* x_row = x + row * x_stride;
+      T* y_row = y_data + row * cols;
+      const float* hf = buf.data();  // h as float32
       if (r) {
         // h = x + residual rounded to T, and y computed from the rounded h.
-        cpu::to_float(r + row * r_stride, tmp.data(), cols);
-        cpu::add(hf.data(), tmp.data(), cols);
         T* h_row = h_data + row * cols;
-        cpu::from_float(hf.data(), h_row, cols);
-        cpu::to_float(h_row, hf.data(), cols);
+        cpu::to_float(x_row, buf.data(), cols);
+        cpu::to_float(r + row * r_stride, tmp.data(), cols);
+        cpu::add(buf.data(), tmp.data(), cols);
+        cpu::from_float(buf.data(), h_row, cols);
+        if (!kFloat) cpu::to_float(h_row, buf.data(), cols);
+      } else if constexpr (kFloat) {
+        hf = x_row;
+      } else {
+        cpu::to_float(x_row, buf.data(), cols);
       }
       float mean = 0.f;
       double var;
       if (rms) {
-        var = cpu::sum_squares(hf.data(), cols) / cols;
+        var = cpu::sum_squares(hf, cols) / cols;
       } else {
-        mean = static_cast<float>(cpu::sum(hf.data(), cols) / cols);
-        var = cpu::sum_squared_deviations(hf.data(), cols, mean) / cols;  // two-pass: no cancellation
+        mean = static_cast<float>(cpu::sum(hf, cols) / cols);
+        var = cpu::sum_squared_deviations(hf, cols, mean) / cols;  // two-pass: no cancellation
       }
       const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
-      cpu::normalize(hf.data(), w.data(), bias, mean, rstd, tmp.data(), cols);
-      cpu::from_float(tmp.data(), y_data + row * cols, cols);
+      if constexpr (kFloat) {
+        cpu::normalize(hf, w.data(), bias, mean, rstd, y_row, cols);
+      } else {
+        cpu::normalize(hf, w.data(), bias, mean, rstd, tmp.data(), cols);
+        cpu::from_float(tmp.data(), y_row, cols);
+      }
     }
   });
 }

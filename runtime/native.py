@@ -52,6 +52,21 @@ def _with_cuda():
         shutil.which("nvcc") is not None or Path(cpp_extension.CUDA_HOME, "bin", "nvcc").exists())
 
 
+def available():
+    """Whether the ops can run here without failing: the library is loaded, a build of
+    these sources is cached, or ninja and a C++ compiler can build it. Compiles nothing."""
+    if _built is not None:
+        return True
+    try:
+        lib = _library_path(_with_cuda())
+        if _up_to_date(lib):
+            return True
+        _check_toolchain()
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
 def _check_toolchain():
     """Raise a RuntimeError naming what is missing to compile the extension."""
     from torch.utils import cpp_extension
@@ -78,6 +93,13 @@ def _build_dir(name):
     return path
 
 
+def _library_path(cuda):
+    """Where the library of this torch version (and CUDA or not) is built; one folder each."""
+    tag = "".join(c if c.isalnum() else "_" for c in torch.__version__)
+    name = f"{NAME}_{'cuda' if cuda else 'cpu'}_torch{tag}"
+    return Path(_build_dir(name)) / f"{name}.so"
+
+
 def _up_to_date(lib):
     """Whether the library exists and is newer than every source and this file (its flags)."""
     inputs = [p for p in source_dir().iterdir() if p.suffix in (".cpp", ".cu", ".h", ".cuh")] + [Path(__file__)]
@@ -95,14 +117,11 @@ def build(verbose=False):
         if _built is not None:
             return _built
         cuda = _with_cuda()
-        tag = "".join(c if c.isalnum() else "_" for c in torch.__version__)
-        name = f"{NAME}_{'cuda' if cuda else 'cpu'}_torch{tag}"
-        build_dir = _build_dir(name)
-        lib = Path(build_dir) / f"{name}.so"
+        lib = _library_path(cuda)
         if _up_to_date(lib):
             torch.ops.load_library(str(lib))
         else:
-            _compile(name, build_dir, cuda, verbose)
+            _compile(lib.stem, str(lib.parent), cuda, verbose)
         _register_fakes()
         _built, _built_cuda = str(lib), cuda
         return _built

@@ -80,6 +80,7 @@ def test_import_compiles_nothing_and_missing_compiler_is_clear(tmp_path):
     """A subprocess with a nonexistent compiler and an empty build cache."""
     code = ("import sys, torch, fuselm, fuselm.native as n\n"
             "assert 'torch.utils.cpp_extension' not in sys.modules, 'importing fuselm.native loaded cpp_extension'\n"
+            "assert not n.available()\n"
             "try:\n    n.rms_norm(torch.ones(2, 3), torch.ones(3))\n"
             "except RuntimeError as e:\n    print('ERROR:', e)\n")
     env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), FUSELM_BUILD_DIR=str(tmp_path / "build"))

@@ -1,0 +1,109 @@
+"""The native backend on the CPU against the torch reference: norms and sampling.
+
+Decides what `auto` should pick on the CPU (the GPU comparisons live in
+bench/norm.py and bench/sampling.py). Each output is checked against
+runtime/reference.py before it is timed.
+
+Norms, M rows of N columns, e = element size:
+    bytes = M*N*e * (2 + 2*residual) + N*e * (1 + bias)   (read x [+ residual], weight [+ bias]; write y [+ h])
+Sampling, B rows of V float32 logits:
+    bytes = B*V*4   (the logits read once: the least any sampler moves)
+GB/s = bytes / median time; "% copy" = GB/s / measured copy bandwidth;
+"vs torch" = the reference's median time / native's.
+
+    python -m bench.native_cpu           # rows 1..512, hidden 576..8192; vocab 128256, batch 1/8/32
+    python -m bench.native_cpu --quick   # tiny sizes, seconds
+"""
+import torch
+
+from bench import common
+from fuselm import native, reference
+
+EPS = 1e-5
+SAMPLING = {  # name -> parameters
+    "top_k=50 top_p=0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
+    "top_p=0.9": dict(temperature=0.8, top_p=0.9),
+    "temperature": dict(temperature=0.8),
+}
+
+
+def norm_case(op, dtype, rows, hidden, residual, reps):
+    g = torch.Generator().manual_seed(rows * hidden)
+    x, r = (torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(2))
+    w, b = (torch.randn(hidden, generator=g).to(dtype) for _ in range(2))
+    args = (x, w) if op == "rms_norm" else (x, w, b)
+    r = r if residual else None
+    bytes_moved = x.numel() * x.element_size() * (2 + 2 * residual) + hidden * w.element_size() * (1 + (op == "layer_norm"))
+    expected = getattr(reference, op)(*args, eps=EPS, residual=r)
+    out = getattr(native, op)(*args, eps=EPS, residual=r)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(out if residual else (out,), expected if residual else (expected,)):
+        common.check_close(f"native {op}", got, want, atol=tol, rtol=tol)
+    return bytes_moved, {name: common.timeit(lambda fn=getattr(mod, op): fn(*args, eps=EPS, residual=r), "cpu", reps=reps)
+                         for name, mod in (("torch", reference), ("native", native))}
+
+
+def sample_case(params, batch, vocab, reps):
+    g = torch.Generator().manual_seed(batch)
+    logits = torch.randn(batch, vocab, generator=g) * 3                       # [B, V] float32
+    kept = reference.sampling_probs(logits, **params) > 0
+    tokens = native.sample(logits, generator=g, **params)
+    if not kept.gather(1, tokens.view(-1, 1)).all():
+        raise AssertionError(f"native sample drew a token outside the reference's kept set ({params})")
+    times = {"native": common.timeit(lambda: native.sample(logits, generator=g, **params), "cpu", reps=reps)}
+    # the reference sorts the vocabulary twice per call: one warm-up is enough
+    times["torch"] = common.timeit(lambda: reference.sample(logits, generator=g, **params), "cpu", reps=reps, warmup=1)
+    return batch * vocab * 4, times
+
+
+def table_rows(case, bytes_moved, times, copy):
+    rows = []
+    for name in ("torch", "native"):
+        t = times[name]
+        gbps = bytes_moved / t["median_ms"] / 1e6
+        rows.append({**case, "provider": name, **t, "GB/s": gbps, "% copy": 100 * gbps / copy,
+                     "vs torch": times["torch"]["median_ms"] / t["median_ms"]})
+    return rows
+
+
+def main(argv=None):
+    args = common.parse_args(__doc__.splitlines()[0], argv)
+    args.device = "cpu"  # this benchmark is about the CPU path
+    if args.quick:
+        rows_list, hiddens, dtypes, batches, vocab = (1, 8), (96, 576), (torch.float32,), (1, 4), 4096
+    else:
+        rows_list, hiddens, dtypes, batches, vocab = (1, 16, 512), (576, 2048, 8192), \
+            (torch.float32, torch.bfloat16), (1, 8, 32), 128256
+    native.build()
+    copy = common.copy_bandwidth("cpu")
+    print(f"{common.device_name('cpu')}: {torch.get_num_threads()} threads, copy bandwidth {copy:.1f} GB/s")
+    norms = []
+    for op in ("rms_norm", "layer_norm"):
+        for dtype in dtypes:
+            for residual in (False, True):
+                for rows in rows_list:
+                    for hidden in hiddens:
+                        case = {"op": op, "dtype": str(dtype).replace("torch.", ""), "residual": residual,
+                                "rows": rows, "hidden": hidden}
+                        norms += table_rows(case, *norm_case(op, dtype, rows, hidden, residual, args.reps), copy)
+    common.print_table(norms, ["op", "dtype", "residual", "rows", "hidden", "provider", "median_ms", "p20_ms",
+                               "p80_ms", "GB/s", "% copy", "vs torch"])
+    samples = []
+    for name, params in SAMPLING.items():
+        for batch in batches:
+            case = {"op": "sample", "params": name, "batch": batch, "vocab": vocab}
+            samples += table_rows(case, *sample_case(params, batch, vocab, args.reps), copy)
+    print()
+    common.print_table(samples, ["params", "batch", "vocab", "provider", "median_ms", "p20_ms", "p80_ms", "GB/s",
+                                 "% copy", "vs torch"])
+    ratios = {op: [r["vs torch"] for r in norms + samples if r["op"] == op and r["provider"] == "native"]
+              for op in ("rms_norm", "layer_norm", "sample")}
+    for op, rs in ratios.items():
+        print(f"native vs torch, {op}: min x{min(rs):.2f}, max x{max(rs):.2f} over {len(rs)} cases")
+    path = common.save("native_cpu", args, norms + samples, extra={"threads": torch.get_num_threads()})
+    print(f"saved {path}")
+    return norms + samples
+
+
+if __name__ == "__main__":
+    main()
