@@ -58,8 +58,8 @@ def providers(device, quick, notes):
 
 
 def _ref_rows(B, L, Hq, D):
-    """How many rows the float32 reference can take: ~3 float32 copies of a [L, Hq, D] cache each."""
-    return max(1, min(B, REF_BYTES // (3 * L * Hq * D * 4)))
+    """How many rows the float32 reference can take: ~4 float32 copies of a [L, Hq, D] cache each."""
+    return max(1, min(B, REF_BYTES // (4 * L * Hq * D * 4)))
 
 
 def run_case(fns, k_all, v_all, B, Hq, device, reps, notes):
