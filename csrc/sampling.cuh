@@ -155,12 +155,12 @@ __device__ uint32_t top_p_key(const Row<T>& r, float top_p, uint32_t min_key, un
       unsigned long long part = 0, z;
       for (int b = threadIdx.x; b < kRadixBins; b += blockDim.x) part += hist[b];
       block_exclusive_scan(part, scan_smem, &z);
-      target = static_cast<double>(top_p) * static_cast<double>(z);
+      target = fmax(static_cast<double>(top_p) * static_cast<double>(z), 1.0);  // top_p <= 0 keeps the max
     }
     unsigned long long above_b, in_b;
     const int bin = find_bin(hist, static_cast<int>(mask) + 1, above, target, scan_smem, &above_b, &in_b);
     // The parent bin holds the target and its sub-bins split its mass exactly, so a bin is
-    // always found (the row's max has mass 2^40 > 0 and top_p < 1).
+    // always found (the row's max has mass 2^40 and 1 <= target < Z).
     prefix |= static_cast<uint32_t>(bin) << shift;
     prefix_mask |= mask << shift;
     above = above_b;
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sample_kernel(SampleArgs a)
   const float t = a.temperature[row * a.temperature_stride];
   const int64_t k = a.top_k[row * a.top_k_stride];
   const float top_p = a.top_p[row * a.top_p_stride];
-  const float min_p = a.min_p[row * a.min_p_stride];
+  const float min_p = fminf(a.min_p[row * a.min_p_stride], 1.f);  // <= 1: the max token always stays
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
 
   // Pass 1: argmax of the raw logits, in torch.argmax's order.

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <queue>
 #include <vector>
 
@@ -119,9 +120,10 @@ int64_t sample_row(const T* logits, int64_t vocab, int64_t row, const RowParams&
     for (int64_t i = 0; i < vocab; ++i)
       if (e[i] >= threshold) scratch[n++] = e[i];
     const double z_k = cpu::sum(scratch, n);
-    threshold = std::max(threshold, mass_cutoff(scratch, n, static_cast<double>(p.top_p) * z_k));
+    const double target = std::max(static_cast<double>(p.top_p) * z_k, std::numeric_limits<double>::min());
+    threshold = std::max(threshold, mass_cutoff(scratch, n, target));  // top_p <= 0 keeps the max
   }
-  threshold = std::max(threshold, p.min_p);
+  threshold = std::max(threshold, std::min(p.min_p, 1.f));  // <= 1: the max (e == 1) always stays
 
   const double z = cpu::sum_at_least(e, vocab, threshold);
   const double target = static_cast<double>(philox_uniform(seed, static_cast<uint64_t>(row))) * z;
