@@ -56,7 +56,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # it gets big tiles; on the GPU a [BLOCK, NPIV] compare stays in registers.
 TILE = 16384 if _INTERPRET else 1024
 NUM_WARPS = 8
-_BIG = 2147483647  # "no index" in first-index reductions
+_BIG = tl.constexpr(2147483647)  # "no index" in first-index reductions
 
 
 @triton.jit
