@@ -263,6 +263,16 @@ def test_emulated_cuda_sampler_draws_the_cpu_tokens(fuselm_ops, emulated, dtype)
         assert (probs.gather(1, gpu.view(-1, 1)) > 0).all(), f"token outside the kept set: {gpu.tolist()}"
 
 
+def test_emulated_cuda_sampler_large_vocab(fuselm_ops, emulated):
+    """A 128k vocabulary: three radix rounds over realistic values, 32 warp chunks of 4096."""
+    x = torch.randn(2, 131072, generator=torch.Generator().manual_seed(0)) * 2.5
+    params = dict(temperature=torch.tensor([0.8, 1.0]), top_k=torch.tensor([50, 0]),
+                  top_p=torch.tensor([0.9, 0.95]), min_p=torch.tensor([0.0, 0.01]))
+    gpu = emulated_sample(emulated, x, **params, seed=3)
+    assert torch.equal(gpu, fuselm_ops.sample(x, *params.values(), torch.tensor(3)))
+    assert (reference.sampling_probs(x, **params).gather(1, gpu.view(-1, 1)) > 0).all()
+
+
 def test_emulated_cuda_sampler_rows_without_distribution(emulated):
     """NaN / +inf / all -inf rows return torch.argmax, like the CPU sampler."""
     x = torch.randn(3, 100)
