@@ -52,13 +52,18 @@ def _with_cuda():
         shutil.which("nvcc") is not None or Path(cpp_extension.CUDA_HOME, "bin", "nvcc").exists())
 
 
-def available():
-    """Whether the ops can run here without failing: the library is loaded, a build of
-    these sources is cached, or ninja and a C++ compiler can build it. Compiles nothing."""
+def available(device="cpu"):
+    """Whether the ops can run on `device` without failing: the library is loaded, a build
+    of these sources is cached, or ninja and a C++ compiler (and nvcc for CUDA) can build
+    it. Compiles nothing; meant for choosing a default backend."""
+    needs_cuda = torch.device(device).type == "cuda"
     if _built is not None:
-        return True
+        return _built_cuda or not needs_cuda
     try:
-        lib = _library_path(_with_cuda())
+        cuda = _with_cuda()
+        if needs_cuda and not cuda:
+            return False
+        lib = _library_path(cuda)
         if _up_to_date(lib):
             return True
         _check_toolchain()

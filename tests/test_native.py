@@ -35,6 +35,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture(scope="module")
 def fuselm_ops():
     native.build()
+    assert native.available() and native.available(DEVICE)
     return torch.ops.fuselm
 
 
@@ -80,13 +81,29 @@ def test_import_compiles_nothing_and_missing_compiler_is_clear(tmp_path):
     """A subprocess with a nonexistent compiler and an empty build cache."""
     code = ("import sys, torch, fuselm, fuselm.native as n\n"
             "assert 'torch.utils.cpp_extension' not in sys.modules, 'importing fuselm.native loaded cpp_extension'\n"
-            "assert not n.available()\n"
+            "assert not n.available() and not n.available('cuda')\n"
             "try:\n    n.rms_norm(torch.ones(2, 3), torch.ones(3))\n"
             "except RuntimeError as e:\n    print('ERROR:', e)\n")
     env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), FUSELM_BUILD_DIR=str(tmp_path / "build"))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ERROR:" in out.stdout and "a C++ compiler" in out.stdout and "no-such-c++" in out.stdout, out.stdout
+
+
+def test_philox_known_answers(tmp_path):
+    """csrc/philox.h is Philox4x32-10: the known-answer vectors of Random123 (kat_vectors)."""
+    src = tmp_path / "kat.cpp"
+    src.write_text('#include "philox.h"\n#include <cstdio>\nint main() {\n'
+                   '  const fuselm::Philox4x32 out[3] = {fuselm::philox4x32_10({{0, 0, 0, 0}}, 0),\n'
+                   '    fuselm::philox4x32_10({{~0u, ~0u, ~0u, ~0u}}, ~0ull),\n'
+                   '    fuselm::philox4x32_10({{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}},\n'
+                   '                          0xa4093822ull | 0x299f31d0ull << 32)};\n'
+                   '  for (const auto& o : out) std::printf("%08x %08x %08x %08x\\n", o.v[0], o.v[1], o.v[2], o.v[3]);\n'
+                   '}\n')
+    subprocess.run(["c++", "-std=c++17", f"-I{CSRC}", str(src), "-o", str(tmp_path / "kat")], check=True, timeout=120)
+    out = subprocess.run([str(tmp_path / "kat")], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:3] == ["6627e8d5 e169c58d bc57ac4c 9b00dbd8", "408f276d 41c83b0e a20bc7c6 6d5451fd",
+                       "d16cfe09 94fdcceb 5001e420 24126ea1"]
 
 
 # ---------------------------------------------------------------- CUDA sources
