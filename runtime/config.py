@@ -209,9 +209,12 @@ def from_gguf(reader) -> ModelConfig:
     if isinstance(kv_heads, list):
         raise ValueError(f"{path}: per-layer attention.head_count_kv is not supported")
     tokens = gguf_value(reader, "tokenizer.ggml.tokens")
-    vocab = get("vocab_size") or (len(tokens) if tokens else None)
+    embedding = tensors.get("token_embd.weight")
+    vocab = get("vocab_size") or (int(embedding.shape[1]) if embedding is not None else None) or \
+        (len(tokens) if tokens else None)
     if vocab is None:
-        raise ValueError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
+        raise ValueError(f"{path}: no {arch}.vocab_size, token_embd.weight or tokenizer.ggml.tokens to size "
+                         "the vocabulary")
     eos = [gguf_value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=get("feed_forward_length", required=True),
@@ -223,8 +226,9 @@ def from_gguf(reader) -> ModelConfig:
         pad_token_id=_pad(gguf_value(reader, "tokenizer.ggml.padding_token_id"), vocab),
         torch_dtype=_GGUF_FILE_DTYPES.get(gguf_value(reader, "general.file_type")))
     if arch == "gpt2":
-        return ModelConfig(arch="gpt2", head_dim=hidden // heads, norm_eps=float(get("attention.layer_norm_epsilon", 1e-5)),
-                           hidden_act="gelu_new", attention_bias=True, o_bias=True, mlp_bias=True, **common)
+        return ModelConfig(arch="gpt2", head_dim=hidden // heads,
+                           norm_eps=float(get("attention.layer_norm_epsilon", 1e-5)), hidden_act="gelu_new",
+                           attention_bias=True, o_bias=True, mlp_bias=True, **common)
 
     head_dim = get("attention.key_length") or hidden // heads
     rotary = get("rope.dimension_count", head_dim)

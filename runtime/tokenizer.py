@@ -28,16 +28,21 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+                 r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
                 r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GGUF_PRE_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                      "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+    "qwen35": _QWEN35_SPLIT,
     "tekken": _TEKKEN_SPLIT,
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
 }
@@ -45,7 +50,7 @@ GGUF_PRE_SPLITS = {
 
 def bytes_to_unicode():
     """GPT-2's byte -> printable character table used to spell byte-level BPE tokens."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     shifted = 0  # the other bytes get code points from 256 up
     for b in range(256):
@@ -115,8 +120,10 @@ class Tokenizer:
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.is_file():
-            hint = (" (it has a SentencePiece tokenizer.model; save it as tokenizer.json with transformers: "
-                    "AutoTokenizer.from_pretrained(dir).save_pretrained(dir))") if (path / "tokenizer.model").exists() else ""
+            hint = ""
+            if (path / "tokenizer.model").exists():
+                hint = (" (it has a SentencePiece tokenizer.model; save it as tokenizer.json with transformers: "
+                        "AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
             raise FileNotFoundError(f"{path} has no tokenizer.json{hint}")
         try:
             backend = _Backend.from_file(str(file))
@@ -146,10 +153,12 @@ class Tokenizer:
         if not tokens:
             raise ValueError("the GGUF file has no tokenizer.ggml.tokens")
         types = meta("ggml.token_type") or [1] * len(tokens)
+        # `defaults`: the special tokens transformers' GPT2Tokenizer / LlamaTokenizer register by default
         if kind == "gpt2":
             backend, defaults = _byte_level(tokens, meta("ggml.merges") or [], meta("ggml.pre")), ["<|endoftext|>"]
         elif kind == "llama":
-            backend, defaults = _sentencepiece(tokens, meta("ggml.merges"), meta("ggml.scores")), ["<unk>", "<s>", "</s>"]
+            backend = _sentencepiece(tokens, meta("ggml.merges"), meta("ggml.scores"))
+            defaults = ["<unk>", "<s>", "</s>"]
         else:
             raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; supported: 'gpt2', 'llama'")
         named = {k: tokens[i] if (i := meta(f"ggml.{key}_token_id")) is not None and 0 <= i < len(tokens) else None

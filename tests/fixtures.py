@@ -171,9 +171,9 @@ def _permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def save_tiny_gguf(model_dir, file, qtype="F32"):
+def save_tiny_gguf(model_dir, file, qtype="F32", pre="gpt2"):
     """Convert a save_tiny_model directory to GGUF `file`, 2-D weights stored as `qtype`
-    ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", ...). Returns the file's path."""
+    ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", ...), tokenizer.ggml.pre = `pre`. Returns the file's path."""
     import gguf
     from safetensors.torch import load_file
 
@@ -205,7 +205,7 @@ def save_tiny_gguf(model_dir, file, qtype="F32"):
     vocab = sorted({**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}.items(),
                    key=lambda kv: kv[1])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list([t for t, _ in vocab])
     w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t, _ in vocab])
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])

@@ -122,6 +122,42 @@ def smollm2_hf_config():
     return transformers.AutoConfig.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
 
 
+def _write_gguf(file, tensors, **metadata):
+    """A minimal llama GGUF: hidden 64, 4 heads, 1 layer, `metadata` as extra GGUFWriter.add_<key>(value) calls."""
+    import gguf
+
+    w = gguf.GGUFWriter(file, "llama")
+    base = dict(context_length=64, embedding_length=64, feed_forward_length=128, block_count=1, head_count=4,
+                vocab_size=8)
+    for key, value in {**base, **metadata}.items():
+        getattr(w, f"add_{key}")(value)
+    for name, value in tensors.items():
+        w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return file
+
+
+def test_gguf_rope_scaling(tmp_path):
+    import gguf
+    import numpy as np
+
+    from fuselm.gguf_file import GGUFFile
+
+    linear = _write_gguf(tmp_path / "linear.gguf", {}, rope_scaling_type=gguf.RopeScalingType.LINEAR,
+                         rope_scaling_factor=4.0, rope_scaling_orig_ctx_len=16)
+    assert from_gguf(GGUFFile(linear)).rope_scaling == {"rope_type": "linear", "factor": 4.0,
+                                                        "original_max_position_embeddings": 16}
+    factors = np.linspace(1.0, 8.0, 8, dtype=np.float32)  # head_dim 16 -> 8 frequencies
+    freqs = _write_gguf(tmp_path / "freqs.gguf", {"rope_freqs.weight": factors})
+    config = from_gguf(GGUFFile(freqs))
+    assert config.rope_scaling == {"rope_type": "freq_factors", "factors": factors.tolist()}
+    assert "rope_freqs.weight" not in open_checkpoint(freqs).names()
+    assert from_gguf(GGUFFile(_write_gguf(tmp_path / "plain.gguf", {}))).rope_scaling is None
+
+
 @needs_smollm2
 def test_smollm2_config_matches_transformers_gguf_loading(smollm2_hf_config):
     hf = smollm2_hf_config
@@ -341,7 +377,6 @@ def test_missing_tensor_is_a_key_error_naming_the_file(tiny_dirs):
 
 
 def test_quantized_or_integer_tensors_are_refused(tiny_dirs, tmp_path):
-    import gguf
     import numpy as np
     from safetensors.torch import save_file
 
@@ -357,21 +392,8 @@ def test_quantized_or_integer_tensors_are_refused(tiny_dirs, tmp_path):
     with pytest.raises(ValueError, match="'model.norm.weight' .* stored as torch.int32"):
         open_checkpoint(d).get("model.norm.weight", torch.float32, "cpu")
 
-    def gguf_file(name, tensors):
-        w = gguf.GGUFWriter(tmp_path / name, "llama")
-        for key, value in (("context_length", 64), ("embedding_length", 64), ("feed_forward_length", 128),
-                           ("block_count", 1), ("head_count", 4), ("vocab_size", 8)):
-            getattr(w, f"add_{key}")(value)
-        for tensor_name, value in tensors.items():
-            w.add_tensor(tensor_name, value)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return tmp_path / name
-
-    ckpt = open_checkpoint(gguf_file("int.gguf", {"output_norm.weight": np.ones(64, dtype=np.int32)}))
+    ckpt = open_checkpoint(_write_gguf(tmp_path / "int.gguf", {"output_norm.weight": np.ones(64, dtype=np.int32)}))
     with pytest.raises(ValueError, match=r"output_norm.weight \(model.norm.weight\) .* integer type I32"):
         ckpt.get("model.norm.weight", torch.float32, "cpu")
     with pytest.raises(ValueError, match="tensors with no llama equivalent: blk.0.attn_unknown.weight"):
-        open_checkpoint(gguf_file("odd.gguf", {"blk.0.attn_unknown.weight": np.ones(64, dtype=np.float32)}))
+        open_checkpoint(_write_gguf(tmp_path / "odd.gguf", {"blk.0.attn_unknown.weight": np.ones(64, np.float32)}))

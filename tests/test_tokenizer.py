@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fuselm.gguf_file import GGUFFile
-from fuselm.tokenizer import Tokenizer, bytes_to_unicode
-from tests.fixtures import _CORPUS, CHAT_TEMPLATE, save_tiny_model, smollm2_path, smollm2_reader
+from fuselm.tokenizer import GGUF_PRE_SPLITS, Tokenizer, bytes_to_unicode
+from tests.fixtures import _CORPUS, CHAT_TEMPLATE, save_tiny_gguf, save_tiny_model, smollm2_path, smollm2_reader
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,7 +19,8 @@ TEXTS = [
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", "a<|endoftext|>b<|im_end|>",
     "whitespace   runs\t\ttabs\n\n\nand  double  spaces    ", "digits 0 7 42 123456789 3.14159 -2e10 1,000,000",
     "def f(x):\n    return {'k': [x ** 2 for x in range(10)]}  # code\n", "if (a != b && c <= d) { return; }",
-    "Café déjà vu, naïve façade, Ångström, Œuvre, ñandú", "日本語のテキスト、中文文本，한국어", "Emoji 😀🎉👍🏽 👩‍👩‍👧 ❤️ flags 🇫🇷",
+    "Café déjà vu, naïve façade, Ångström, Œuvre, ñandú", "日本語のテキスト、中文文本，한국어",
+    "Emoji 😀🎉👍🏽 👩‍👩‍👧 ❤️ flags 🇫🇷",
     "Mixed: naïve 日本 😀 code() 42", "<think>tagged</think>", "\u00a0non-breaking\u2009thin\u200bzero-width",
 ]
 CONVERSATIONS = [
@@ -79,6 +80,18 @@ def test_smollm2_stream_matches_decode(smollm2):
     for text in TEXTS:
         assert_streams_like_decode(ours, ours.encode(text))
         assert_streams_like_decode(ours, ours.encode(text), skip=False)
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "smollm", "llama-bpe", "qwen2", "tekken", "gpt-4o"])
+def test_byte_level_gguf_pre_tokenizers_like_transformers(pre, tmp_path):
+    file = save_tiny_gguf(save_tiny_model("gpt2", tmp_path / "m"), tmp_path / "m.gguf", pre=pre)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)
+    assert_same_as_transformers(Tokenizer.from_gguf(GGUFFile(file)), theirs)
+
+
+def test_pre_tokenizer_table_is_transformers_table():
+    table = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping").GGUF_PRE_TOKENIZER_SPLITS
+    assert GGUF_PRE_SPLITS == table
 
 
 # ------------------------------------------------------------------ SentencePiece-style GGUF ("llama")
