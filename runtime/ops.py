@@ -38,10 +38,12 @@ _MODULES = {
         "sample": "fuselm.native",
     },
 }
-# "auto": the backend each op uses on each device type, chosen from measurements.
+# "auto": the backend each op uses on each device type. CPU: Triton only runs there under its
+# interpreter (~1000x slower), so torch unless native measured faster (bench/native_cpu.py).
+# CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
 _AUTO = {
     "cpu": dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "torch"),
-    "cuda": dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "torch"),
+    "cuda": dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "triton"),
 }
 
 _default = None  # None -> read FUSELM_BACKEND on first use
