@@ -39,10 +39,12 @@ _MODULES = {
     },
 }
 # "auto": the backend each op uses on each device type. CPU: Triton only runs there under its
-# interpreter (~1000x slower), so torch unless native measured faster (bench/native_cpu.py).
+# interpreter (~1000x slower); native measured faster than torch for norms and sampling
+# (bench/native_cpu.py) and is used where it can be built, torch otherwise (with a warning).
 # CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
 _AUTO = {
-    "cpu": dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "torch"),
+    "cpu": {"rms_norm": "native", "layer_norm": "native", "attention": "torch", "decode_attention": "torch",
+            "sample": "native"},
     "cuda": dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "triton"),
 }
 
@@ -78,7 +80,23 @@ def resolve(op, backend, device):
     name = check_backend_name(backend or get_backend())
     if name == "auto":
         name = _AUTO.get(device.type, _AUTO["cpu"])[op]
+        if name == "native" and not _native_available(device):
+            name = "torch"
+            _log_once((op, "native-missing", device.type), logging.WARNING,
+                      "fuselm: %s: the native extension cannot be built here (no compiler or ninja); "
+                      "auto uses the slower 'torch' backend", op)
     return name
+
+
+def _native_available(device):
+    from . import native
+    return native.available(device)
+
+
+def _log_once(key, level, msg, *args):
+    if key not in _logged:
+        _logged.add(key)
+        log.log(level, msg, *args)
 
 
 def implementation(op, backend, device):
@@ -100,10 +118,7 @@ def implementation(op, backend, device):
             fn = getattr(importlib.import_module(module), op)
         except ImportError as e:
             raise RuntimeError(f"backend {name!r} is not available for {op}: {e}") from e
-    key = (op, name, device.type)
-    if key not in _logged:
-        _logged.add(key)
-        log.info("fuselm: %s runs on backend %r (%s)", op, name, device.type)
+    _log_once((op, name, device.type), logging.INFO, "fuselm: %s runs on backend %r (%s)", op, name, device.type)
     return fn
 
 

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-SUPPORTED = ("default", "linear", "llama3")
+SUPPORTED = ("default", "linear", "llama3", "freq_factors")
 
 
 def inverse_frequencies(head_dim, theta, scaling=None):
@@ -22,6 +22,8 @@ def inverse_frequencies(head_dim, theta, scaling=None):
         return inv
     if kind == "linear":
         return inv / scaling["factor"]
+    if kind == "freq_factors":  # GGUF files with a rope_freqs tensor (Llama 3.1 converted by llama.cpp)
+        return inv / torch.tensor(scaling["factors"], dtype=torch.float32)
     if kind == "llama3":
         # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
