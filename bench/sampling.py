@@ -84,7 +84,8 @@ def run_case(fns, batch, vocab, filt, device, reps, notes):
             continue
         inside = kept.gather(1, tokens.view(-1, 1).long())
         if not bool(inside.all()):
-            raise AssertionError(f"{name}: drew a token outside the reference's kept set ({filt}, B={batch}, V={vocab})")
+            raise AssertionError(f"{name}: drew a token outside the reference's kept set "
+                                 f"({filt}, B={batch}, V={vocab})")
         times[name] = common.timeit(lambda: fn(logits, generator=gen, **params), device, reps=reps)
     copy = common.copy_bandwidth(device)
     rows = []

@@ -25,7 +25,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fuselm import ops
+from fuselm import ops, reference
 from tests.checks import kernel_backends
 from tests.conftest import DEVICE
 
@@ -132,7 +132,6 @@ def stat_logits(dtype):
 
 
 def reference_probs(logits_row, params):
-    from fuselm import reference
     return reference.sampling_probs(logits_row.view(1, -1).cpu(), **params)[0].double()
 
 
@@ -227,7 +226,6 @@ def test_never_outside_kept_set(backend, data):
 @given(x=grid_logits(max_rows=4, max_vocab=200), data=st.data())
 def test_reference_between_bands(x, data):
     """The reference keeps what it must, nothing else, and renormalizes exactly."""
-    from fuselm import reference
     params = data.draw(sampling_params(x.shape[1]))
     probs = reference.sampling_probs(x, **params).double()
     loose, strict = kept_band(x, **params)
