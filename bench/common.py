@@ -121,9 +121,14 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def results_dir(args):
+    """bench/results/<device>, or <device>-quick for tiny-size runs (git ignores those)."""
+    return RESULTS / (device_slug(args.device) + ("-quick" if args.quick else ""))
+
+
 def save(name, args, rows, extra=None):
-    """Write bench/results/<device>/<name>.json (or args.out) and return its path."""
-    out = Path(args.out) if args.out else RESULTS / device_slug(args.device)
+    """Write bench/results/<device>[-quick]/<name>.json (or args.out) and return its path."""
+    out = Path(args.out) if args.out else results_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": name,

@@ -1,20 +1,41 @@
 """End-to-end greedy decode and prefill speed: fuselm's runtime against transformers, in one run.
 
+Models: the built-in SmolLM2-135M (fuselm in its default dtype and in float32,
+transformers in float32, as a CPU user runs it) and a random-weight Llama of
+Llama-3.2-1B shape in bfloat16 (a small shape with --quick). Providers per
+model: fuselm's own runtime, transformers eager and sdpa, and transformers with
+`fuselm.hf.apply`. Batches 1 and 16 (1 and 4 with --quick).
+
 Each provider generates exactly N new tokens greedily (EOS ignored) from the
-same prompt; runs alternate between providers so machine noise hits all of
-them alike. decode tokens/s = batch * (N - 1) / (time for N tokens - time for 1),
-prefill tokens/s = batch * prompt length / (time for 1 token).
-Bandwidth estimate: decode reads every weight once per step, so
-GB/s = weight bytes * steps/s; its % of the measured copy bandwidth says how
-close decode is to the limit. Greedy tokens of fuselm float32 and transformers
-float32 must be identical (checked before timing is reported).
+same prompts; runs alternate between providers so machine noise hits all alike.
+decode tokens/s = B * (N - 1) / (time for N tokens - time for 1 token),
+prefill tokens/s = B * S / (time for 1 token).
+Bandwidth: each decode step reads every weight once, so
+weight GB/s = weight bytes * steps/s; its % of the measured copy bandwidth
+says how close decode is to the limit. Before any number is reported, fuselm
+float32 and transformers float32 must produce identical greedy tokens on SmolLM2.
 """
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from bench import common
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, max_position_embeddings=4096, rope_theta=500000.0,
+                tie_word_embeddings=True)
+LLAMA_QUICK = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True)
+
+TEXT = ("The history of computing is a story of machines that grew faster and smaller while the "
+        "problems people asked of them grew larger. Early computers filled rooms and used vacuum tubes. ")
+
+
+def _weight_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
 def _fuselm(model):
@@ -26,12 +47,23 @@ def _fuselm(model):
     return run
 
 
-def _hf(model):
+def _hf(model, patch):
+    """transformers generate; patch: None, an attn implementation name, or "fuselm.hf"."""
+    import fuselm.hf
+
     def run(ids, n):
+        if patch == "fuselm.hf":
+            fuselm.hf.apply(model)
+        else:
+            model.set_attn_implementation(patch)
         batch = torch.tensor(ids, device=model.device)
-        with torch.inference_mode():
-            out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=n,
-                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
+        try:
+            with torch.inference_mode():
+                out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=n,
+                                     min_new_tokens=n, do_sample=False, pad_token_id=0)
+        finally:
+            if patch == "fuselm.hf":
+                fuselm.hf.revert(model)
         return out[:, batch.shape[1]:].tolist()
     return run
 
@@ -44,25 +76,6 @@ def _timed(run, ids, n, device):
     return time.perf_counter() - t0, tokens
 
 
-def providers(source, device, dtypes, hf_source):
-    """name -> (run function, weight bytes); fuselm in the given dtypes, transformers eager/sdpa float32."""
-    import fuselm
-    import transformers
-    out = {}
-    for dt in dtypes:
-        m = fuselm.load(source, dtype=dt, device=device, progress=False)
-        out[f"fuselm {str(m.dtype).replace('torch.', '')}"] = (_fuselm(m), _weight_bytes(m.net.w.values()))
-    for impl in ("eager", "sdpa"):
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            hf_source[0], dtype=torch.float32, attn_implementation=impl, **hf_source[1]).to(device).eval()
-        out[f"transformers {impl} float32"] = (_hf(hf), _weight_bytes(hf.parameters()))
-    return out
-
-
-def _weight_bytes(tensors):
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-
-
 def measure(provs, prompt_ids, n_new, reps, device):
     """Alternate providers rep by rep; return rows of medians, and each provider's tokens."""
     times = {name: {"one": [], "all": []} for name in provs}
@@ -73,8 +86,8 @@ def measure(provs, prompt_ids, n_new, reps, device):
             t, tokens[name] = _timed(run, prompt_ids, n_new, device)
             times[name]["all"].append(t)
     copy = common.copy_bandwidth(device)
-    rows = []
     B, S = len(prompt_ids), len(prompt_ids[0])
+    rows = []
     for name, (_, wbytes) in provs.items():
         one, full = statistics.median(times[name]["one"]), statistics.median(times[name]["all"])
         steps_per_s = (n_new - 1) / max(full - one, 1e-9)
@@ -82,28 +95,69 @@ def measure(provs, prompt_ids, n_new, reps, device):
                      "prefill_tok_s": B * S / one, "decode_tok_s": B * steps_per_s,
                      "weight_GBps": wbytes * steps_per_s / 1e9,
                      "pct_copy_bw": 100 * wbytes * steps_per_s / 1e9 / copy})
-    base = next(r["decode_tok_s"] for r in rows if r["provider"] == "transformers eager float32")
+    base = statistics.median(r["decode_tok_s"] for r in rows if r["provider"].startswith("transformers eager"))
     for r in rows:
-        r["x_vs_transformers"] = r["decode_tok_s"] / base
+        r["x_vs_transformers_eager"] = r["decode_tok_s"] / base
     return rows, tokens
+
+
+def _providers(fuselm_models, hf_model, hf_dtype):
+    import fuselm.hf  # noqa: F401  (registers the "fuselm" attention)
+    provs = {f"fuselm {str(m.dtype)[6:]}": (_fuselm(m), _weight_bytes(m.net.w.values())) for m in fuselm_models}
+    hf_bytes = _weight_bytes(hf_model.parameters())
+    for patch in ("eager", "sdpa", "fuselm.hf"):
+        label = "transformers + fuselm.hf.apply" if patch == "fuselm.hf" else f"transformers {patch}"
+        provs[f"{label} {hf_dtype}"] = (_hf(hf_model, patch), hf_bytes)
+    return provs
+
+
+def smollm2(device):
+    import fuselm
+    import transformers
+    from fuselm.model import default_dtype
+    from fuselm.weights import resolve_source
+    _, path = resolve_source("smollm2-135m-instruct")
+    dtypes = dict.fromkeys([default_dtype(torch.device(device)), torch.float32])
+    ours = [fuselm.load("smollm2-135m-instruct", dtype=dt, device=device, progress=False) for dt in dtypes]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return ours, hf.to(device).eval(), "float32"
+
+
+def random_llama(device, shape, tmp):
+    """A random-weight Llama of `shape`, bf16, saved as safetensors with SmolLM2's tokenizer."""
+    import fuselm
+    import transformers
+    from fuselm.weights import open_checkpoint
+    tok = open_checkpoint("smollm2-135m-instruct").tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, **shape)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    hf.save_pretrained(tmp)
+    tok._backend.save(str(Path(tmp) / "tokenizer.json"))
+    ours = fuselm.load(tmp, dtype="bfloat16", device=device, progress=False)
+    return [ours], hf.to(device).eval(), "bfloat16"
 
 
 def main(argv=None):
     args = common.parse_args(__doc__.splitlines()[0], argv)
-    from fuselm.weights import resolve_source
-    _, path = resolve_source("smollm2-135m-instruct")
-    n_new = 8 if args.quick else 64
-    reps = args.reps or (1 if args.quick else 3)
-    import fuselm
-    default_dtype = str(fuselm.model.default_dtype(torch.device(args.device))).replace("torch.", "")
-    dtypes = sorted({default_dtype, "float32"})
-    provs = providers("smollm2-135m-instruct", args.device, dtypes, (path.parent, {"gguf_file": path.name}))
-    prompt = [[504, 3458, 282, 4649, 314, 253, 1345, 28, 284]]  # "The capital of France is a city, and"
-    rows, tokens = measure(provs, prompt, n_new, reps, args.device)
-    if tokens["fuselm float32"] != tokens["transformers eager float32"]:
-        raise AssertionError("fuselm float32 and transformers disagree on greedy tokens")
-    common.print_table(rows, ["provider", "batch", "prefill_tok_s", "decode_tok_s", "weight_GBps",
-                              "pct_copy_bw", "x_vs_transformers"])
+    quick = args.quick
+    n_new, reps, prompt_len = (8, 1, 16) if quick else (64, 3, 128)
+    batches = (1, 4) if quick else (1, 16)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (ours, hf, hf_dtype) in (("SmolLM2-135M", smollm2(args.device)),
+                                            ("Llama 1B shape" + (" (quick: tiny)" if quick else ""),
+                                             random_llama(args.device, LLAMA_QUICK if quick else LLAMA_1B, tmp))):
+            provs = _providers(ours, hf, hf_dtype)
+            prompt = ours[0].tokenizer.encode(TEXT * (1 + prompt_len // 60))[:prompt_len]
+            for B in batches:
+                batch_rows, tokens = measure(provs, [prompt] * B, n_new, args.reps or reps, args.device)
+                if label.startswith("SmolLM2") and tokens["fuselm float32"] != tokens["transformers eager float32"]:
+                    raise AssertionError(f"fuselm float32 and transformers disagree on greedy tokens (batch {B})")
+                rows += [{"model": label, **r} for r in batch_rows]
+            del provs, ours, hf
+    common.print_table(rows, ["model", "provider", "batch", "prefill_tok_s", "decode_tok_s", "weight_GBps",
+                              "pct_copy_bw", "x_vs_transformers_eager"])
     print("saved", common.save("e2e", args, rows))
     return rows
 

@@ -18,7 +18,7 @@ BENCHMARKS = ["norm", "attention", "decode", "sampling", "native_cpu", "e2e"]
 
 def main(argv=None):
     args = common.parse_args(__doc__.splitlines()[0], argv)
-    out = args.out or str(common.RESULTS / (common.device_slug(args.device) + ("-quick" if args.quick else "")))
+    out = args.out or str(common.results_dir(args))
     passthrough = ["--device", args.device, "--out", out] + (["--quick"] if args.quick else [])
     if args.reps:
         passthrough += ["--reps", str(args.reps)]
