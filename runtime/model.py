@@ -270,8 +270,11 @@ class Model:
         device = parse_device(device)
         dtype = parse_dtype(dtype) or default_dtype(device)
         ops.check_backend_name(backend)
-        for op in OPS:  # fail now, not mid-generation, if a backend cannot run here
-            ops.implementation(op, backend, device)
+        # fail now, not mid-generation, if a backend cannot run here; build the native
+        # extension now too, so its one-time compile is not timed as generation
+        if "native" in {ops.resolve(op, backend, device) for op in OPS if ops.implementation(op, backend, device)}:
+            from . import native
+            native.build()
         ckpt = open_checkpoint(source)
         tokenizer = ckpt.tokenizer()
         weights = load_weights(ckpt, dtype, device, progress)
