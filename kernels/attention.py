@@ -3,8 +3,10 @@
     out[b, i, h] = sum_j softmax_j(q[b, i, h] . k[b, j, h // G] * scale) v[b, j, h // G]
 
 with G = Hq // Hkv query heads per KV head. Causal: query i sees keys
-j <= i + Sk - Sq (queries follow a cached prefix of Sk - Sq keys); a query
-that sees no key outputs zeros. Same semantics as runtime/reference.py.
+j <= i + Sk - Sq (queries follow a cached prefix of Sk - Sq keys). Left
+padding: with kv_start [B], row b also skips keys j < kv_start[b] (what lies
+there is never read into the output). A query that sees no key outputs zeros.
+Same semantics as runtime/reference.py.
 
 Flash attention (FlashAttention 2, the Triton fused-attention tutorial): each
 program owns BLOCK_M query rows and streams K/V in BLOCK_N tiles, keeping an
@@ -12,7 +14,9 @@ online softmax in fp32 (running max m, running sum l, unnormalised output
 acc), so the [Sq, Sk] score matrix never reaches memory. exp2 replaces exp
 with log2(e) folded into the scale. Causal programs run two stages: key tiles
 every row of the block sees completely (no mask), then the few tiles on the
-diagonal (mask applied); tiles above the diagonal are never loaded.
+diagonal (mask applied); tiles above the diagonal are never loaded. With
+kv_start the key loop begins at the tile holding kv_start[b]: tiles wholly in
+the padding are never loaded, and that first tile is masked like a diagonal one.
 
 GQA: a program's BLOCK_M rows are (position, head) pairs of all G query heads
 that share one KV head (row r = position * G + head-in-group), so each K/V
@@ -29,8 +33,9 @@ Work: FLOPs = 4 * B * Hq * Sq * Sk * D (two matmuls; about half that when
 causal with Sq == Sk). Bytes: read q and write out once (2 * B*Sq*Hq*D*e),
 read K and V once per BLOCK_M-row block of a head group
 (2 * B*Hkv*Sk*D*e * ceil(Sq*G / BLOCK_M), about halved when causal),
-e = element size. For D >= 64 and Sq >= 128 that is far above a GPU's
-FLOP:byte ratio, so the kernel is bound by tensor-core throughput.
+e = element size; with kv_start, Sk counts only the keys from the tile holding
+kv_start[b] on, in the FLOPs too. For D >= 64 and Sq >= 128 that is far above
+a GPU's FLOP:byte ratio, so the kernel is bound by tensor-core throughput.
 
 Inputs may be strided views (e.g. q/k/v sliced from a packed qkv tensor): all
 four strides of each tensor go to the kernel, nothing is copied. The output is
@@ -48,14 +53,14 @@ MAX_HEAD_DIM = 256  # q, acc and a K/V tile of BLOCK_D columns live in registers
 
 @triton.jit
 def _attn_tile(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, pos, d_ok, seqlen_k, diag, qk_scale,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, pos, d_ok, kv_lo, seqlen_k, diag, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One online-softmax step over the key tile [start_n, start_n + BLOCK_N)."""
+    """One online-softmax step over the key tile [start_n, start_n + BLOCK_N); keys < kv_lo are padding."""
     cols = start_n + offs_n                                               # [BLOCK_N]
-    if MASKED:
-        n_ok = cols < seqlen_k
+    if MASKED:  # padding is never loaded: NaN there must not reach p @ v
+        n_ok = (cols >= kv_lo) & (cols < seqlen_k)
         k = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
         v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
     elif PAD_D:
@@ -90,14 +95,14 @@ def _attn_tile(
 # Lengths vary per call: specialising on them (== 1, % 16) would only multiply compilations.
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group", "rows_bucket", "keys_bucket"])
 def _attn_fwd_kernel(
-    Q_ptr, K_ptr, V_ptr, O_ptr,
+    Q_ptr, K_ptr, V_ptr, O_ptr, KvStart_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     seqlen_q, seqlen_k, group, qk_scale,
     rows_bucket, keys_bucket,  # autotune keys only (bucketed lengths), unused in the body
-    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -132,7 +137,8 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # key tiles [0, full_end) are visible to every row of the block; [full_end, end) need the mask
+    # key tiles [full_lo, full_end) are visible to every row of the block; [full_end, end) need the
+    # causal mask; keys before kv_lo are left padding
     diag = seqlen_k - seqlen_q  # query at position i sees keys j <= i + diag
     if CAUSAL:
         first_pos = start_row // group
@@ -143,13 +149,29 @@ def _attn_fwd_kernel(
         full_end = seqlen_k // BLOCK_N * BLOCK_N
         end = seqlen_k
 
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, pos, d_ok,
+    kv_lo = 0   # without padding: the plain two stages from key 0
+    lead = 0    # the tile holding kv_lo: the first one loaded
+    full_lo = 0
+    if HAS_KV_START:
+        kv_lo = tl.minimum(tl.maximum(tl.load(KvStart_ptr + b).to(tl.int32), 0), seqlen_k)
+        lead = kv_lo // BLOCK_N * BLOCK_N
+        full_lo = (kv_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        k_ptrs += lead.to(tl.int64) * stride_ks  # tiles wholly in the padding are never loaded
+        v_ptrs += lead.to(tl.int64) * stride_vs
+        # kv_lo cuts into a tile below the diagonal: mask its padding (every row sees the rest of it)
+        if lead < tl.minimum(full_lo, full_end):
+            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, lead, offs_n, pos, d_ok, kv_lo,
+                                       seqlen_k, diag, qk_scale, True, False, PAD_D, UPCAST, DOT_PRECISION)
+            k_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_vs
+    for start_n in range(full_lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, pos, d_ok, kv_lo,
                                    seqlen_k, diag, qk_scale, False, CAUSAL, PAD_D, UPCAST, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
-    for start_n in range(full_end, end, BLOCK_N):
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, pos, d_ok,
+    # the pointers now sit at max(full_end, lead) whichever stages ran
+    for start_n in range(tl.maximum(full_end, lead), end, BLOCK_N):
+        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, pos, d_ok, kv_lo,
                                    seqlen_k, diag, qk_scale, True, CAUSAL, PAD_D, UPCAST, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
@@ -197,7 +219,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 _attn_fwd_tuned = triton.autotune(
-    configs=_configs(), key=["rows_bucket", "keys_bucket", "HEAD_D", "CAUSAL"],
+    # the kv_start variant tunes apart: its extra masked tile makes the biggest tiles spill a little
+    configs=_configs(), key=["rows_bucket", "keys_bucket", "HEAD_D", "CAUSAL", "HAS_KV_START"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd_kernel)
 
@@ -210,10 +233,11 @@ def _bucket(n):
     return min(max(triton.next_power_of_2(n), 16), 16384)
 
 
-def attention(q, k, v, causal=True, scale=None):
+def attention(q, k, v, causal=True, scale=None, kv_start=None):
     """softmax(q k^T * scale) v. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D] in q.dtype.
 
-    Shapes, dtypes and devices were checked by fuselm.ops.attention.
+    kv_start [B] int (optional): row b skips its first kv_start[b] keys. Shapes, dtypes and
+    devices were checked by fuselm.ops.attention.
     """
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
@@ -227,13 +251,16 @@ def attention(q, k, v, causal=True, scale=None):
     if out.numel() == 0:
         return out
     scale = D ** -0.5 if scale is None else float(scale)
+    if kv_start is not None and kv_start.dtype not in (torch.int32, torch.int64):
+        kv_start = kv_start.to(torch.int32)
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     args = (
-        q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        # without kv_start the pointer is never read (HAS_KV_START is False): pass q in its place
+        q, k, v, out, q if kv_start is None else kv_start.contiguous(), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Sq, Sk, group, scale * LOG2E, _bucket(Sq * group), _bucket(Sk),
     )
     meta = dict(
-        CAUSAL=bool(causal), HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        CAUSAL=bool(causal), HAS_KV_START=kv_start is not None, HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         UPCAST=interpreting and q.dtype == torch.bfloat16,
         # fp32 inputs get true fp32 products; tf32 would miss the 1e-5 tolerance
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -2,10 +2,11 @@
 
 For each sequence b and query head h (one new token per sequence):
 
-    out[b, h] = sum_{j < L_b} softmax_j(scale * q[b, h] . k[b, j, h // G]) v[b, j, h // G]
+    out[b, h] = sum_{S_b <= j < L_b} softmax_j(scale * q[b, h] . k[b, j, h // G]) v[b, j, h // G]
 
-with L_b = seqlens[b], G = Hq // Hkv query heads per KV head (GQA; G = 1 is
-MHA, Hkv = 1 is MQA). A row with L_b == 0 outputs zeros.
+with L_b = seqlens[b], S_b = kv_start[b] (left padding; 0 when not given),
+G = Hq // Hkv query heads per KV head (GQA; G = 1 is MHA, Hkv = 1 is MQA).
+A row that sees no key (L_b <= S_b) outputs zeros.
 
 One query per sequence is too little work to fill a GPU, so the cache length is
 cut into chunks of CHUNK positions and (split, kv head, batch) programs run in
@@ -17,12 +18,14 @@ kernel then forms
 
     out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),   M = max_s lse_s.
 
-Chunks that start at or past L_b exit without writing; the combine reads only
-the ceil(L_b / CHUNK) splits that exist. When the whole cache fits in one chunk
-the split kernel normalizes and writes the output itself (one launch).
+Chunks that start at or past L_b, or end at or before S_b, exit without
+writing; the combine reads only the splits in between. Inside a chunk the key
+loop starts at the tile holding S_b, so padding costs no K/V reads. When the
+whole cache fits in one chunk the split kernel normalizes and writes the output
+itself (one launch).
 
 CHUNK depends only on Smax and the device, never on the batch size or on the
-values in seqlens: the launch shape is static (CUDA-graph capturable, no host
+values in seqlens or kv_start: the launch shape is static (CUDA-graph capturable, no host
 sync) and a row's reduction order does not depend on the rest of the batch
 (batch invariance).
 
@@ -33,10 +36,11 @@ p V a [G, D] tile. We always use tl.dot with the group padded to a power of two
 magnitude of headroom, so the padding costs nothing measurable, while a
 broadcast multiply-sum would hold a [G, BLOCK_N, D] fp32 product in registers.
 
-Bytes moved (the limit): K and V read once, sum_b L_b * Hkv * D * 2 * elt,
+Bytes moved (the limit): K and V read once, sum_b (L_b - S_b) * Hkv * D * 2 * elt
+(S_b rounded down to a tile),
 plus q and out (B * Hq * D * elt each); the partials add B * Hq * splits *
 (D + 1) * 4 written and read once, small next to the cache at long context.
-FLOPs: 4 * sum_b L_b * Hq * D.
+FLOPs: 4 * sum_b (L_b - S_b) * Hq * D.
 """
 import functools
 import os
@@ -49,8 +53,21 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _visible_range(Seqlens_ptr, KvStart_ptr, b, SMAX, HAS_KV_START: tl.constexpr):
+    """(kv_lo, seqlen): row b sees keys [kv_lo, seqlen); a row that sees none gets (0, 0), like seqlens 0."""
+    # clamped to [0, Smax] as the reference's mask does: never read past the cache
+    seqlen = tl.minimum(tl.maximum(tl.load(Seqlens_ptr + b).to(tl.int32), 0), SMAX)
+    kv_lo = tl.zeros_like(seqlen)
+    if HAS_KV_START:
+        kv_lo = tl.maximum(tl.load(KvStart_ptr + b).to(tl.int32), 0)
+        seqlen = tl.where(kv_lo < seqlen, seqlen, 0)
+        kv_lo = tl.minimum(kv_lo, seqlen)
+    return kv_lo, seqlen
+
+
+@triton.jit
 def _decode_split_kernel(
-    Q_ptr, K_ptr, V_ptr, Seqlens_ptr, Out_ptr, OPart_ptr, Lse_ptr,
+    Q_ptr, K_ptr, V_ptr, Seqlens_ptr, KvStart_ptr, Out_ptr, OPart_ptr, Lse_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -59,20 +76,21 @@ def _decode_split_kernel(
     stride_lb, stride_lh,                         # Lse [B, Hq, splits], last dim contiguous
     qk_scale, GROUP, SMAX, HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_KV_START: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # UPCAST: bf16 dot operands go to fp32 under the interpreter only (its bf16 tl.dot multiplies
     # raw bit patterns). DOT_PRECISION: "ieee" keeps fp32 caches out of tf32 on the GPU.
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # int64: b * stride overflows int32 on large caches
-    # clamped to [0, Smax] as the reference's mask does: never read past the cache
-    seqlen = tl.minimum(tl.maximum(tl.load(Seqlens_ptr + b).to(tl.int32), 0), SMAX)
+    kv_lo, seqlen = _visible_range(Seqlens_ptr, KvStart_ptr, b, SMAX, HAS_KV_START)
     start = split * CHUNK
     if SPLIT:
-        if start >= seqlen:  # neutral split: the combine never reads it
+        if (start >= seqlen) | (start + CHUNK <= kv_lo):  # neutral split: the combine never reads it
             return
     end = tl.minimum(start + CHUNK, seqlen)
+    # the first tile loaded holds kv_lo (CHUNK is a multiple of BLOCK_N): padding tiles are skipped
+    first = tl.maximum(start, kv_lo // BLOCK_N * BLOCK_N)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -85,18 +103,18 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)      # [BLOCK_G, BLOCK_D]
     if UPCAST:
         q = q.to(tl.float32)
-    # K^T tile pointers [BLOCK_D, BLOCK_N] and V tile pointers [BLOCK_N, BLOCK_D] at key `start`
+    # K^T tile pointers [BLOCK_D, BLOCK_N] and V tile pointers [BLOCK_N, BLOCK_D] at key `first`
     k_ptrs = (K_ptr + b * stride_kb + kvh * stride_kh
-              + offs_d[:, None] * stride_kd + (start + offs_n)[None, :] * stride_ks)
+              + offs_d[:, None] * stride_kd + (first + offs_n)[None, :] * stride_ks)
     v_ptrs = (V_ptr + b * stride_vb + kvh * stride_vh
-              + (start + offs_n)[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+              + (first + offs_n)[:, None] * stride_vs + offs_d[None, :] * stride_vd)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)          # running max (log2 units)
     l_i = tl.zeros([BLOCK_G], tl.float32)                         # running sum of 2^(s - m)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n in range(start, end, BLOCK_N):
-        # keys past seqlen are never loaded, so garbage (NaN) there cannot leak in
-        mask_n = (n + offs_n) < end
+    for n in range(first, end, BLOCK_N):
+        # keys before kv_lo or past seqlen are never loaded, so garbage (NaN) there cannot leak in
+        mask_n = ((n + offs_n) >= kv_lo) & ((n + offs_n) < end)
         k = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
         if UPCAST:
             k = k.to(tl.float32)
@@ -126,7 +144,7 @@ def _decode_split_kernel(
         tl.store(p_ptrs, acc, mask=mask_gd)
         tl.store(Lse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=mask_g)
     else:
-        # seqlen 0 -> zeros; l_i = 0 with seqlen > 0 (every score -inf) -> NaN like the reference
+        # no visible key (seqlen 0) -> zeros; l_i = 0 otherwise (every score -inf) -> NaN like the reference
         acc = acc / tl.where(seqlen > 0, l_i, 1.0)[:, None]
         o_ptrs = Out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(Out_ptr.dtype.element_ty), mask=mask_gd)
@@ -134,20 +152,20 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    OPart_ptr, Lse_ptr, Seqlens_ptr, Out_ptr,
+    OPart_ptr, Lse_ptr, Seqlens_ptr, KvStart_ptr, Out_ptr,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
     SMAX, HEAD_DIM: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KV_START: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    seqlen = tl.minimum(tl.maximum(tl.load(Seqlens_ptr + b).to(tl.int32), 0), SMAX)
-    n_splits = (seqlen + CHUNK - 1) // CHUNK                     # the splits that wrote a partial
+    kv_lo, seqlen = _visible_range(Seqlens_ptr, KvStart_ptr, b, SMAX, HAS_KV_START)
+    n_splits = (seqlen + CHUNK - 1) // CHUNK                     # splits [kv_lo // CHUNK, n_splits) wrote
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < n_splits
+    mask_s = (offs_s >= kv_lo // CHUNK) & (offs_s < n_splits)
     mask_d = offs_d < HEAD_DIM
 
     lse = tl.load(Lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
@@ -159,6 +177,11 @@ def _decode_combine_kernel(
     # seqlen 0 -> zeros; a zero sum of weights otherwise (every score -inf) -> NaN like the reference
     out = acc / tl.where(n_splits > 0, tl.sum(w, 0), 1.0)
     tl.store(Out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(Out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def _rows(t):
+    """A [B] integer tensor as the kernels read it: int32 or int64, contiguous."""
+    return (t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32)).contiguous()
 
 
 def _interpreting():
@@ -187,8 +210,11 @@ def split_plan(smax, head_dim, device):
     return triton.cdiv(chunk, block_n) * block_n, block_n
 
 
-def decode_attention(q, k_cache, v_cache, seqlens, scale=None):
-    """q [B, Hq, D], caches [B, Smax, Hkv, D] (any strides), seqlens [B] -> [B, Hq, D] in q.dtype."""
+def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None):
+    """q [B, Hq, D], caches [B, Smax, Hkv, D] (any strides), seqlens [B], kv_start [B] or None -> [B, Hq, D].
+
+    The output is in q.dtype; row b attends keys [kv_start[b], seqlens[b]).
+    """
     B, Hq, D = q.shape
     Smax, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -196,9 +222,9 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None):
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    if seqlens.dtype not in (torch.int32, torch.int64):
-        seqlens = seqlens.to(torch.int32)
-    seqlens = seqlens.contiguous()
+    seqlens = _rows(seqlens)
+    has_start = kv_start is not None
+    kv_start = _rows(kv_start) if has_start else seqlens  # without kv_start the pointer is never read
 
     chunk, block_n = split_plan(Smax, D, q.device)
     splits = max(1, triton.cdiv(Smax, chunk))
@@ -211,12 +237,12 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None):
         o_part = lse = out
         part_strides = (0,) * 5
     _decode_split_kernel[(splits, Hkv, B)](
-        q, k_cache, v_cache, seqlens, out, o_part, lse,
+        q, k_cache, v_cache, seqlens, kv_start, out, o_part, lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         out.stride(0), out.stride(1), *part_strides,
         scale * LOG2E, group, Smax, D,
         CHUNK=chunk, BLOCK_N=block_n, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-        SPLIT=splits > 1, UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        SPLIT=splits > 1, HAS_KV_START=has_start, UPCAST=_interpreting() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # 3 stages of K/V tiles in flight for 16-bit caches; fp32 tiles are twice the shared memory
         num_warps=4, num_stages=2 if q.dtype == torch.float32 else 3,
@@ -224,10 +250,10 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None):
     if splits > 1:
         block_s = triton.next_power_of_2(splits)
         _decode_combine_kernel[(Hq, B)](
-            o_part, lse, seqlens, out, *part_strides,
+            o_part, lse, seqlens, kv_start, out, *part_strides,
             out.stride(0), out.stride(1),
             Smax, D,
-            CHUNK=chunk, BLOCK_S=block_s, BLOCK_D=block_d,
+            CHUNK=chunk, BLOCK_S=block_s, BLOCK_D=block_d, HAS_KV_START=has_start,
             num_warps=4 if block_s * block_d <= 8192 else 8,  # the [splits, D] fp32 tile stays in registers
         )
     return out

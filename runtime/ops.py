@@ -174,10 +174,22 @@ def _check_heads(q_heads, kv_heads):
            f"query heads ({q_heads}) must be a multiple of key/value heads ({kv_heads})")
 
 
-def attention(q, k, v, causal=True, scale=None, backend=None):
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_rows(name, t, rows, device):
+    """One integer per batch row (seqlens, kv_start); the values are the caller's contract (no host sync)."""
+    got = (f"a {type(t).__name__}" if not isinstance(t, torch.Tensor)
+           else f"{t.dtype} of shape {tuple(t.shape)} on {t.device}")
+    _check(isinstance(t, torch.Tensor) and t.shape == (rows,) and t.dtype in _INT_DTYPES and t.device == device,
+           f"{name} must be an integer tensor of shape ({rows},) on {device}, got {got}")
+
+
+def attention(q, k, v, causal=True, scale=None, kv_start=None, backend=None):
     """Prefill attention. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D].
 
     Causal masking is bottom-right aligned (queries follow a cached prefix).
+    kv_start [B] int (optional, default 0; left padding): row b ignores its first kv_start[b] keys.
     """
     _check_float("q", q)
     _check(q.dim() == 4, f"q must be [B, S, H, D], got shape {tuple(q.shape)}")
@@ -188,13 +200,16 @@ def attention(q, k, v, causal=True, scale=None, backend=None):
     _check(k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3],
            f"k {tuple(k.shape)} must share batch and head dim with q {tuple(q.shape)}")
     _check_heads(q.shape[2], k.shape[2])
-    return implementation("attention", backend, q.device)(q, k, v, causal=causal, scale=scale)
+    if kv_start is not None:
+        _check_rows("kv_start", kv_start, q.shape[0], q.device)
+    return implementation("attention", backend, q.device)(q, k, v, causal=causal, scale=scale, kv_start=kv_start)
 
 
-def decode_attention(q, k_cache, v_cache, seqlens, scale=None, backend=None):
-    """Decode attention: q [B, Hq, D] over caches [B, Smax, Hkv, D] up to seqlens [B] -> [B, Hq, D].
+def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None, backend=None):
+    """Decode attention: q [B, Hq, D] over caches [B, Smax, Hkv, D], keys [kv_start[b], seqlens[b]) -> [B, Hq, D].
 
-    seqlens[b] <= Smax is the caller's contract (checking it would need a host sync).
+    kv_start [B] int is optional (default 0; left padding). kv_start[b] <= seqlens[b] <= Smax is
+    the caller's contract (checking it would need a host sync).
     """
     _check_float("q", q)
     _check(q.dim() == 3, f"q must be [B, H, D], got shape {tuple(q.shape)}")
@@ -205,10 +220,11 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None, backend=None):
     _check(k_cache.shape[0] == q.shape[0] and k_cache.shape[3] == q.shape[2],
            f"k_cache {tuple(k_cache.shape)} must share batch and head dim with q {tuple(q.shape)}")
     _check_heads(q.shape[1], k_cache.shape[2])
-    _check(isinstance(seqlens, torch.Tensor) and seqlens.shape == (q.shape[0],)
-           and not seqlens.dtype.is_floating_point and seqlens.device == q.device,
-           f"seqlens must be an integer tensor of shape ({q.shape[0]},) on {q.device}")
-    return implementation("decode_attention", backend, q.device)(q, k_cache, v_cache, seqlens, scale=scale)
+    _check_rows("seqlens", seqlens, q.shape[0], q.device)
+    if kv_start is not None:
+        _check_rows("kv_start", kv_start, q.shape[0], q.device)
+    return implementation("decode_attention", backend, q.device)(q, k_cache, v_cache, seqlens, scale=scale,
+                                                                 kv_start=kv_start)
 
 
 def _check_param(name, value, rows, device, ok, what):

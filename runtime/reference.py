@@ -37,12 +37,14 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     return y.to(x.dtype) if residual is None else (y.to(x.dtype), h)
 
 
-def attention(q, k, v, causal=True, scale=None):
+def attention(q, k, v, causal=True, scale=None, kv_start=None):
     """softmax(q k^T * scale) v with GQA.  q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D].
 
     Causal masking is bottom-right aligned: query i sees keys j <= i + Sk - Sq,
-    so queries that follow a cached prefix see the whole prefix. A query row
-    that sees no key at all outputs zeros.
+    so queries that follow a cached prefix see the whole prefix. kv_start [B]
+    (int, optional; left padding) hides row b's first kv_start[b] keys: they may
+    hold anything (even NaN) and never reach the output. A query row that sees
+    no key at all outputs zeros.
     """
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
@@ -52,21 +54,28 @@ def attention(q, k, v, causal=True, scale=None):
     kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)   # [B, Hq, Sk, D]
     vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
     s = (qf @ kf.transpose(-1, -2)) * scale                          # [B, Hq, Sq, Sk]
+    i = torch.arange(Sq, device=q.device).view(Sq, 1)
+    j = torch.arange(Sk, device=q.device).view(1, Sk)
     if causal:
-        i = torch.arange(Sq, device=q.device).view(Sq, 1)
-        j = torch.arange(Sk, device=q.device).view(1, Sk)
         s = s.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    start = 0                                                        # first visible key of each row
+    if kv_start is not None:
+        start = kv_start.to(q.device).clamp(min=0).view(B, 1, 1, 1)
+        s = s.masked_fill(j < start, float("-inf"))
+        vf = vf.masked_fill(j.view(Sk, 1) < start, 0.0)
     p = torch.softmax(s, dim=-1)
-    if causal and Sq > Sk:  # rows that see no key: softmax of all -inf is NaN; they output zeros
-        p = p.masked_fill((torch.arange(Sq, device=q.device) < Sq - Sk).view(Sq, 1), 0.0)
+    # rows that see no key: softmax of all -inf is NaN; they output zeros
+    last = i + (Sk - Sq) if causal else torch.full_like(i, Sk - 1)    # [Sq, 1] last key each query may see
+    p = p.masked_fill(last < start, 0.0)
     return (p @ vf).transpose(1, 2).to(q.dtype)                       # [B, Sq, Hq, D]
 
 
-def decode_attention(q, k_cache, v_cache, seqlens, scale=None):
-    """One query per sequence over its first seqlens[b] cached keys.
+def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None):
+    """One query per sequence over its cached keys [kv_start[b], seqlens[b]).
 
-    q [B, Hq, D], caches [B, Smax, Hkv, D], seqlens [B] int -> [B, Hq, D].
-    A row with seqlens[b] == 0 outputs zeros.
+    q [B, Hq, D], caches [B, Smax, Hkv, D], seqlens [B] int, kv_start [B] int
+    (optional, default 0; left padding) -> [B, Hq, D]. A row that sees no key
+    outputs zeros.
     """
     B, Hq, D = q.shape
     Smax, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -75,7 +84,10 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None):
     kf = k_cache.float().repeat_interleave(group, dim=2)             # [B, Smax, Hq, D]
     vf = v_cache.float().repeat_interleave(group, dim=2)
     s = torch.einsum("bhd,bshd->bhs", q.float(), kf) * scale         # [B, Hq, Smax]
-    visible = torch.arange(Smax, device=q.device).view(1, 1, Smax) < seqlens.view(B, 1, 1).to(q.device)
+    pos = torch.arange(Smax, device=q.device).view(1, 1, Smax)
+    visible = pos < seqlens.view(B, 1, 1).to(q.device)
+    if kv_start is not None:
+        visible &= pos >= kv_start.view(B, 1, 1).to(q.device)
     s = s.masked_fill(~visible, float("-inf"))
     p = torch.softmax(s, dim=-1).masked_fill(~visible, 0.0)  # seqlens 0: NaN row -> zeros
     # positions past seqlens may hold anything (even NaN); they must not reach the output
