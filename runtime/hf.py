@@ -14,11 +14,11 @@ registered under the same name does not materialise a mask: it hands every layer
 per-row left-padding lengths of the 2D padding mask. Prefill then runs
 `ops.attention` over the first kv_len keys (bottom-right causal), single-token decode
 runs `ops.decode_attention` with seqlens = kv_len, so a static cache is read only up
-to its real length. Left-padded rows run one call per row over keys [start, kv_len)
-until the ops take a per-row start. Anything the ops cannot express (a prepared 4D
-mask, a sliding window shorter than the sequence, right padding, dropout, autograd,
-softcap, sinks) runs transformers' sdpa attention with the mask it would have built,
-and says so in a warning: nothing falls back silently.
+to its real length. A left-padded batch passes kv_start [B], the padding keys each
+row skips, so it still takes one call per layer. Anything the ops cannot express (a
+prepared 4D mask, a sliding window shorter than the sequence, right padding, dropout,
+autograd, softcap, sinks) runs transformers' sdpa attention with the mask it would
+have built, and says so in a warning: nothing falls back silently.
 
 Norms. `apply` binds new forwards onto the RMSNorm / LayerNorm instances (as
 Liger-Kernel does) that call fuselm.ops.rms_norm / layer_norm; `revert` removes them.
@@ -79,7 +79,7 @@ def _say_once(level, msg):
 class _Layout:
     """What the fuselm mask function hands every attention layer of one forward."""
     kv_len: int                # real keys: cached + new (a StaticCache holds more, zeros)
-    kv_start: list = None      # per-row left-padding lengths, None when no row is padded
+    kv_start: torch.Tensor = None  # [B] int32 left-padding lengths, None when no row is padded
     reason: str = None         # why fuselm's ops cannot express this mask (then sdpa runs)
     sdpa_args: dict = field(default_factory=dict, repr=False)
     _sdpa: tuple = field(default=None, repr=False)
@@ -109,10 +109,10 @@ def _left_padding(attention_mask, kv_len):
     m = attention_mask[:, :kv_len].bool()                                        # [B, kv_len]
     start = kv_len - m.sum(-1)                                                   # [B] zeros counted
     left = torch.arange(kv_len, device=m.device).view(1, kv_len) >= start.view(-1, 1)
-    if not torch.equal(left, m):
+    is_left, padded = torch.stack([(left == m).all(), start.any()]).tolist()  # one host sync for both
+    if not is_left:
         return None, "the padding mask is not left padding (right padding or holes)"
-    start = start.tolist()
-    return (start if any(start) else None), None
+    return (start.to(torch.int32) if padded else None), None
 
 
 def fuselm_mask(batch_size, kv_length, kv_offset=0, mask_function=causal_mask_function,
@@ -161,22 +161,6 @@ def _why_not(module, query, key, value, attention_mask, dropout, kwargs):
     return None
 
 
-def _per_row(q, k, v, kv_start, kv_len, scale, backend):
-    """Left-padded batch: row b attends keys [kv_start[b], kv_len). q [B, Sq, Hq, D], k/v [B, Skv, Hkv, D]."""
-    rows = []
-    for b, start in enumerate(kv_start):
-        if start >= kv_len:  # an all-padding row sees no key: zeros, as in the reference
-            rows.append(torch.zeros_like(q[b:b + 1]))
-        elif q.shape[1] == 1:
-            seqlens = torch.full((1,), kv_len - start, dtype=torch.int32, device=q.device)
-            rows.append(ops.decode_attention(q[b:b + 1, 0], k[b:b + 1, start:kv_len], v[b:b + 1, start:kv_len],
-                                             seqlens, scale=scale, backend=backend).unsqueeze(1))
-        else:
-            rows.append(ops.attention(q[b:b + 1], k[b:b + 1, start:kv_len], v[b:b + 1, start:kv_len],
-                                      causal=True, scale=scale, backend=backend))
-    return torch.cat(rows)
-
-
 def fuselm_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention interface for "fuselm".
 
@@ -193,16 +177,18 @@ def fuselm_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     B, _, Sq, _ = query.shape
     q = query.transpose(1, 2)                                    # [B, Sq, Hq, D]
     k, v = key.transpose(1, 2), value.transpose(1, 2)            # [B, Skv, Hkv, D]
-    if layout.kv_start is not None:
-        _say_once(logging.INFO, "left-padded batch: attention runs one fuselm call per row")
-        out = _per_row(q, k, v, layout.kv_start, kv_len, scaling, backend)
-    elif Sq == 1:
+    kv_start = layout.kv_start                                   # [B] or None
+    if kv_start is not None:  # layers may sit on other devices than the mask (device_map)
+        kv_start = kv_start.to(query.device)
+    if Sq == 1:
         _say_once(logging.INFO, "decode steps run fuselm.ops.decode_attention")
         seqlens = torch.full((B,), kv_len, dtype=torch.int32, device=query.device)
-        out = ops.decode_attention(q[:, 0], k, v, seqlens, scale=scaling, backend=backend).unsqueeze(1)
+        out = ops.decode_attention(q[:, 0], k, v, seqlens, scale=scaling, kv_start=kv_start,
+                                   backend=backend).unsqueeze(1)
     else:
         _say_once(logging.INFO, "prefill runs fuselm.ops.attention")
-        out = ops.attention(q, k[:, :kv_len], v[:, :kv_len], causal=True, scale=scaling, backend=backend)
+        out = ops.attention(q, k[:, :kv_len], v[:, :kv_len], causal=True, scale=scaling, kv_start=kv_start,
+                            backend=backend)
     return out, None
 
 

@@ -81,14 +81,22 @@ def greedy(model, ids, mask, cache):
     return out.sequences, torch.stack(out.logits)
 
 
-def run_all(model, ids, mask):
-    """Logits of the padded batch and greedy tokens: batch and single prompt, dynamic and static cache."""
+def run_all(model, ids, mask, spy=None):
+    """Logits of the padded batch and greedy tokens: batch and single prompt, dynamic and static cache.
+
+    With `spy`, also the fuselm op calls each run made: {key: {op: calls}}.
+    """
+    runs = {"logits": lambda: model(ids, attention_mask=mask).logits}
+    for cache in (None, "static"):
+        runs[f"batch-{cache}"] = lambda cache=cache: greedy(model, ids, mask, cache)
+        runs[f"single-{cache}"] = lambda cache=cache: greedy(model, ids[:1], mask[:1], cache)
+    out, calls = {}, {}
     with torch.no_grad():
-        out = {"logits": model(ids, attention_mask=mask).logits}
-        for cache in (None, "static"):
-            out[f"batch-{cache}"] = greedy(model, ids, mask, cache)
-            out[f"single-{cache}"] = greedy(model, ids[:1], mask[:1], cache)
-    return out
+        for key, run in runs.items():
+            before = dict(spy or {})
+            out[key] = run()
+            calls[key] = {op: n - before[op] for op, n in (spy or {}).items()}
+    return (out, calls) if spy is not None else out
 
 
 def patch_state(model):
@@ -107,7 +115,13 @@ def test_patched_model_matches_transformers(saved, spy, arch, backend):
     expected = run_all(model, ids, mask)
     assert hf.apply(model, backend=backend) is model
     assert spy["sdpa"] == 0
-    got = run_all(model, ids, mask)
+    got, calls = run_all(model, ids, mask, spy)
+    # the left-padded batch runs one fuselm attention call per layer and step, never one per row
+    layers = model.config.num_hidden_layers
+    assert calls["logits"]["attention"] == layers and calls["logits"]["decode_attention"] == 0
+    for key in ("batch-None", "batch-static"):
+        assert calls[key]["attention"] == layers, (key, calls[key])
+        assert calls[key]["decode_attention"] == layers * (NEW_TOKENS - 1), (key, calls[key])
     real = mask.bool()  # padded positions' logits are nobody's business
     assert rel_err(got["logits"][real], expected["logits"][real]) < 1e-4
     for key in expected:
