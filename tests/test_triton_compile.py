@@ -9,10 +9,10 @@ the ptxas bundled with triton, exactly as its launcher would launch it there
 sets it on machines without a GPU): one worker per core, each taking every
 N-th compilation.
 
-The "ci" hypothesis profile compiles a subset (every kernel and constexpr
-variant, fp32 and bf16, head dim 80); FUSELM_HYPOTHESIS_PROFILE=thorough
-compiles the whole matrix (fp16 too, head dims 64-256, more widths, head
-groups and batch shapes).
+The "ci" hypothesis profile compiles a subset (every kernel, fp32 and bf16,
+head dim 80, causal attention); FUSELM_HYPOTHESIS_PROFILE=thorough compiles
+the whole matrix (fp16 too, head dims 64-256, non-causal attention, more
+widths, head groups and batch shapes).
 """
 import json
 import os

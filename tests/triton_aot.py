@@ -55,8 +55,8 @@ class Gpu:
 
 GPUS = {80: Gpu(sms=108, max_shared=166912),   # A100
         90: Gpu(sms=132, max_shared=232448)}   # H100 SXM
-# the CI subset runs every kernel and every constexpr variant (fp32 takes its own tiles and
-# exact-fp32 dots) at one head dim that is not a power of two; --full runs the whole matrix
+# the CI subset runs every kernel in fp32 (its own tiles, exact-fp32 dots) and bf16 at one head
+# dim that is not a power of two; --full runs the whole matrix
 DTYPES = {False: (torch.float32, torch.bfloat16), True: (torch.float32, torch.float16, torch.bfloat16)}
 HEAD_DIMS = {False: (80,), True: (64, 80, 96, 128, 256)}
 
@@ -88,14 +88,17 @@ def norm_cases(full):
 
 
 def attention_cases(full):
-    # 1024 query rows: the autotuner's pruning keeps every tile of the head dim
+    # 1024 query rows: the autotuner's pruning keeps every tile of the head dim. The CI subset
+    # compiles causal attention only (a language model's prefill), with and without padding.
     for dtype in DTYPES[full]:
         for d in HEAD_DIMS[full]:
             q = torch.empty(1, 512, 2, d, dtype=dtype)                   # [B, Sq, Hq, D]
             kv = torch.empty(1, 512, 1, d, dtype=dtype)                  # [B, Sk, Hkv, D]
-            for causal in (True, False):
-                yield (f"attention {_dt(dtype)} q[1, 512, 2, {d}] causal={causal}",
-                       functools.partial(attention.attention, q, kv, kv, causal=causal))
+            for causal in (True, False) if full else (True,):
+                for kv_start in (None, torch.empty(1, dtype=torch.int32)):  # [B] left padding
+                    case = f"attention {_dt(dtype)} q[1, 512, 2, {d}] causal={causal}"
+                    yield (case + " kv_start" * (kv_start is not None),
+                           functools.partial(attention.attention, q, kv, kv, causal=causal, kv_start=kv_start))
 
 
 def decode_cases(full):
@@ -107,8 +110,10 @@ def decode_cases(full):
                     q = torch.empty(1, group, d, dtype=dtype)            # [B, Hq, D]
                     cache = torch.empty(1, smax, 1, d, dtype=dtype)      # [B, Smax, Hkv, D]
                     seqlens = torch.empty(1, dtype=torch.int32)
-                    yield (f"decode_attention {_dt(dtype)} q[1, {group}, {d}] cache[1, {smax}, 1, {d}]",
-                           functools.partial(decode.decode_attention, q, cache, cache, seqlens))
+                    case = f"decode_attention {_dt(dtype)} q[1, {group}, {d}] cache[1, {smax}, 1, {d}]"
+                    for kv_start in (None, torch.empty(1, dtype=torch.int32)):  # [B] left padding
+                        yield (case + " kv_start" * (kv_start is not None),
+                               functools.partial(decode.decode_attention, q, cache, cache, seqlens, kv_start=kv_start))
 
 
 def sampling_cases(full):
