@@ -62,7 +62,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per tile. The interpreter pays per operation, not per element, so
 # it gets big tiles; on the GPU the [BLOCK, NPIV] partial sums stay in registers.
 TILE = 16384 if _INTERPRET else 1024
-NUM_WARPS = 16  # 1024-wide tiles: 114 registers, no spills (sm_90, triton 3.9)
+# Short rows share a program in a smaller tile on the GPU: the per-row vectors
+# and [ROWS, NPIV] search state of an 8 x 128 tile spill at 16 warps, a 4 x 128
+# tile needs about 100 registers (sm_80 / sm_90, triton 3.9).
+ROWS_TILE = TILE if _INTERPRET else 512
+NUM_WARPS = 16  # 1024-wide tiles: 110-125 registers, no spills (sm_80 / sm_90, triton 3.9)
+# 512 threads allow 128 registers each. Stated explicitly, because without it
+# ptxas may trade spills for occupancy (64 registers and a stack on sm_80 for
+# 256- and 512-wide tiles).
+MAX_REGISTERS = 128
 _BIG = tl.constexpr(2147483647)  # "no index" in first-index reductions
 
 
@@ -330,13 +338,13 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=Non
     mp_ptr, mp_val, mp_rows = _param(min_p, B, torch.float32, device)
     block = min(triton.next_power_of_2(V), TILE)
     block = max(block, 16)
-    rows_per_program = max(TILE // block, 1)
+    rows_per_program = max(ROWS_TILE // block, 1)
     grid = (triton.cdiv(B, rows_per_program),)
     _sample_kernel[grid](
         logits, logits.stride(0), logits.stride(1), B, V,
         t_ptr, float(t_val), k_ptr, int(k_val), p_ptr, float(p_val), mp_ptr, float(mp_val),
         seed, out,
         T_ROWS=t_rows, K_ROWS=k_rows, P_ROWS=p_rows, MP_ROWS=mp_rows,
-        ROWS=rows_per_program, BLOCK=block, NPIV=NPIV, num_warps=NUM_WARPS,
+        ROWS=rows_per_program, BLOCK=block, NPIV=NPIV, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
     )
     return out
