@@ -1,5 +1,5 @@
 // The fuselm operator library: schemas of torch.ops.fuselm.*. The CPU kernels
-// register in norm_cpu.cpp / sampling_cpu.cpp, the CUDA kernels in
+// register in norm_cpu.cpp / sampling_cpu.cpp / linear_cpu.cpp, the CUDA kernels in
 // norm_cuda.cu / sampling_cuda.cu, and the fake (shape) functions in Python
 // (fuselm.native), so the ops also trace under torch.compile.
 //
@@ -18,4 +18,7 @@ TORCH_LIBRARY(fuselm, m) {
   // One token per row of logits [B, V] -> [B] int64. temperature, top_p, min_p: float32,
   // top_k: int64, each of shape () or [B]; seed: one int64 (the same seed gives the same tokens).
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed) -> Tensor");
+  // y = x @ weight.T (+ bias): x [..., K], weight [N, K], bias [N], one dtype; float32 accumulation.
+  // CPU only (linear_cpu.cpp), for decode's few rows of x.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }

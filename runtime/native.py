@@ -3,6 +3,7 @@
     from fuselm import native
     y = native.rms_norm(x, weight)                 # same semantics as fuselm.reference
     tokens = native.sample(logits, temperature=0.8, top_p=0.9)
+    y = native.linear(x, weight)                   # CPU only: x @ weight.T for decode
 
 The extension is compiled just in time with torch.utils.cpp_extension (ninja)
 on first use of an op, or ahead of time with `build()` / `make native`, and
@@ -12,7 +13,7 @@ this module compiles nothing; without a compiler or ninja the ops raise a
 RuntimeError that says what is missing.
 
 The ops are registered with TORCH_LIBRARY as torch.ops.fuselm.rms_norm,
-layer_norm (overloads `.residual` return (y, h)) and sample; their fake
+layer_norm (overloads `.residual` return (y, h)), sample and linear (CPU only); their fake
 (shape) functions below let torch.compile trace them. None of them syncs with
 the host, so they can be captured in a CUDA graph.
 """
@@ -26,7 +27,7 @@ import torch
 
 NAME = "fuselm_native"
 # One place for what gets compiled and how.
-CPU_SOURCES = ("library.cpp", "cpu_vec.cpp", "norm_cpu.cpp", "sampling_cpu.cpp")
+CPU_SOURCES = ("library.cpp", "cpu_vec.cpp", "norm_cpu.cpp", "sampling_cpu.cpp", "linear_cpu.cpp")
 CUDA_SOURCES = ("norm_cuda.cu", "sampling_cuda.cu")
 CFLAGS = ["-O3", "-fopenmp-simd"]
 CUDA_FLAGS = [
@@ -158,8 +159,11 @@ def _register_fakes():
     def sample(logits, *args):
         return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
+    def linear(x, weight, bias=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
     for op, fn in (("rms_norm", norm), ("rms_norm.residual", norm_residual), ("layer_norm", norm),
-                   ("layer_norm.residual", norm_residual), ("sample", sample)):
+                   ("layer_norm.residual", norm_residual), ("sample", sample), ("linear", linear)):
         torch.library.register_fake(f"fuselm::{op}", fn)
 
 
@@ -209,3 +213,15 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=Non
     seed = torch.randint(0, 2**62, (), generator=generator, device=gen_device, dtype=torch.int64).to(device)
     return ops.sample(logits, _param(temperature, torch.float32, device), _param(top_k, torch.int64, device),
                       _param(top_p, torch.float32, device), _param(min_p, torch.float32, device), seed)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T (+ bias) on the CPU: x [..., K], weight [N, K], bias [N], all float32, bfloat16 or
+    float16 -> [..., N] in x's dtype, accumulated in float32. Streams the weight once per call for up
+    to 32 rows of x (decode); more rows go to torch's GEMM. A row's result does not depend on the
+    other rows (batch invariant, up to 32 rows)."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device.type != "cpu":
+            raise RuntimeError(f"fuselm native linear runs on the CPU only ({name} is on {t.device}); "
+                               "use backend='torch' (F.linear) on GPUs")
+    return _ops(x.device).linear(x, weight, bias)
