@@ -19,8 +19,11 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(description, argv=None):
+def parse_args(description, argv=None, extra=None):
+    """The common benchmark options; `extra(parser)` adds a script's own."""
     p = argparse.ArgumentParser(description=description)
+    if extra:
+        extra(p)
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case")

@@ -139,15 +139,19 @@ def random_llama(device, shape, tmp):
 
 
 def main(argv=None):
-    args = common.parse_args(__doc__.splitlines()[0], argv)
+    args = common.parse_args(__doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
+        "--models", default="smollm2,llama-1b", help="comma-separated subset of smollm2,llama-1b"))
     quick = args.quick
+    wanted = args.models.split(",")
     n_new, reps, prompt_len = (8, 1, 16) if quick else (64, 3, 128)
     batches = (1, 4) if quick else (1, 16)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, (ours, hf, hf_dtype) in (("SmolLM2-135M", smollm2(args.device)),
-                                            ("Llama 1B shape" + (" (quick: tiny)" if quick else ""),
-                                             random_llama(args.device, LLAMA_QUICK if quick else LLAMA_1B, tmp))):
+        models = {"smollm2": ("SmolLM2-135M", lambda: smollm2(args.device)),
+                  "llama-1b": ("Llama 1B shape" + (" (quick: tiny)" if quick else ""),
+                               lambda: random_llama(args.device, LLAMA_QUICK if quick else LLAMA_1B, tmp))}
+        for label, make in (models[m] for m in wanted):
+            ours, hf, hf_dtype = make()
             provs = _providers(ours, hf, hf_dtype)
             prompt = ours[0].tokenizer.encode(TEXT * (1 + prompt_len // 60))[:prompt_len]
             for B in batches:

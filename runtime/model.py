@@ -18,7 +18,7 @@ from . import ops, rope
 from .cache import KVCache
 from .weights import open_checkpoint
 
-OPS = ("rms_norm", "layer_norm", "attention", "decode_attention", "sample")
+OPS = ("linear", "rms_norm", "layer_norm", "attention", "decode_attention", "sample")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -45,6 +45,12 @@ def parse_device(device):
     return device
 
 
+def backend_for(op, backend):
+    """The backend the model asks `op` for. Matmuls are torch's (cuBLAS / oneDNN) or the native CPU
+    GEMV; a model forced onto "triton" keeps torch matmuls, since Triton has no linear of ours."""
+    return "torch" if op == "linear" and backend == "triton" else backend
+
+
 def cpu_has_fast_bf16():
     """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX): then bf16 halves the
     bytes each decode step reads at no cost in speed."""
@@ -68,6 +74,7 @@ class Transformer:
     def __init__(self, config, weights, backend, device):
         self.config = config
         self.backend = backend
+        self.linear_backend = backend_for("linear", backend)
         self.w = weights
         c = config
         self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -85,7 +92,7 @@ class Transformer:
         return ops.rms_norm(x, w[name + ".weight"], eps=c.norm_eps, residual=residual, backend=self.backend)
 
     def _linear(self, x, name):
-        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+        return ops.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"), backend=self.linear_backend)
 
     def _mlp(self, h, i):
         p = f"layers.{i}."
@@ -272,7 +279,9 @@ class Model:
         ops.check_backend_name(backend)
         # fail now, not mid-generation, if a backend cannot run here; build the native
         # extension now too, so its one-time compile is not timed as generation
-        if "native" in {ops.resolve(op, backend, device) for op in OPS if ops.implementation(op, backend, device)}:
+        resolved = {ops.resolve(op, backend_for(op, backend), device) for op in OPS
+                    if ops.implementation(op, backend_for(op, backend), device)}
+        if "native" in resolved:
             from . import native
             native.build()
         ckpt = open_checkpoint(source)

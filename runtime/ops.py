@@ -33,6 +33,7 @@ _MODULES = {
         "sample": "fuselm.kernels.sampling",
     },
     "native": {
+        "linear": "fuselm.native",
         "rms_norm": "fuselm.native",
         "layer_norm": "fuselm.native",
         "sample": "fuselm.native",
@@ -43,9 +44,10 @@ _MODULES = {
 # (bench/native_cpu.py) and is used where it can be built, torch otherwise (with a warning).
 # CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
 _AUTO = {
-    "cpu": {"rms_norm": "native", "layer_norm": "native", "attention": "torch", "decode_attention": "torch",
-            "sample": "native"},
-    "cuda": dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "triton"),
+    "cpu": {"linear": "native", "rms_norm": "native", "layer_norm": "native", "attention": "torch",
+            "decode_attention": "torch", "sample": "native"},
+    "cuda": {"linear": "torch", **dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention",
+                                                  "sample"), "triton")},
 }
 
 _default = None  # None -> read FUSELM_BACKEND on first use
@@ -156,6 +158,18 @@ def _check_norm_args(x, weight, bias, eps, residual):
 
 
 # ---------------------------------------------------------------- ops
+
+def linear(x, weight, bias=None, backend=None):
+    """x @ weight.T (+ bias): x [..., K], weight [N, K], bias [N] -> [..., N] (native: CPU GEMV for decode)."""
+    _check_float("x", x)
+    _check_same("weight", weight, "x", x, shape=False)
+    _check(weight.dim() == 2 and weight.shape[1] == x.shape[-1] and weight.dtype == x.dtype,
+           f"weight must be [N, {x.shape[-1]}] {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+    if bias is not None:
+        _check_same("bias", bias, "weight", weight, shape=False)
+        _check(bias.shape == (weight.shape[0],), f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return implementation("linear", backend, x.device)(x, weight, bias)
+
 
 def rms_norm(x, weight, eps=1e-6, residual=None, backend=None):
     """RMSNorm over the last dim; with `residual` returns (y, x + residual)."""

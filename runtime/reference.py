@@ -138,3 +138,13 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=Non
     """Draw one token per row of logits [B, V] -> [B] int64 (see sampling_probs)."""
     probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
     return torch.multinomial(probs, 1, generator=generator).view(-1)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T (+ bias): x [..., K], weight [N, K] -> [..., N].
+
+    The one reference op that does not upcast: torch's matmul already accumulates in
+    float32, and upcasting every weight on every call would double a decode step's
+    memory traffic in the runtime's "torch" backend.
+    """
+    return torch.nn.functional.linear(x, weight, bias)
