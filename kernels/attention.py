@@ -93,7 +93,7 @@ def _attn_tile(
 
 
 # Lengths vary per call: specialising on them (== 1, % 16) would only multiply compilations.
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group", "rows_bucket", "keys_bucket"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "group", "rows_bucket", "keys_bucket", "family"])
 def _attn_fwd_kernel(
     Q_ptr, K_ptr, V_ptr, O_ptr, KvStart_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
@@ -101,7 +101,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     seqlen_q, seqlen_k, group, qk_scale,
-    rows_bucket, keys_bucket,  # autotune keys only (bucketed lengths), unused in the body
+    rows_bucket, keys_bucket, family,  # autotune keys only (bucketed lengths, GPU family), unused in the body
     CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -183,40 +183,62 @@ def _attn_fwd_kernel(
     tl.store(o_ptrs, out.to(O_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-# CUDA tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, chosen so that none
-# spills registers or overflows shared memory on sm_90 (checked with ptxas for bf16); few per
-# head dim because every new (head dim, causal, dtype) compiles each of them once.
+# CUDA tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family and padded head dim, chosen
+# so that none spills registers or overflows shared memory (tests/test_triton_compile.py compiles
+# them for sm_80 and sm_90); few per head dim because every new (head dim, causal, dtype) compiles
+# each of them once. Family 90: Hopper-class parts (228 KB of shared memory, wgmma keeps fewer
+# values in registers); family 80: Ampere and the rest (A100: 164 KB; sm_86/89/120: 99 KB).
 TILES = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
-    256: [(64, 64, 8, 2), (64, 32, 8, 2)],
+    90: {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+        256: [(64, 64, 8, 2), (64, 32, 8, 2)],
+    },
+    80: {
+        64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+        128: [(64, 64, 8, 3), (64, 32, 4, 3), (32, 32, 4, 3)],
+        256: [(64, 32, 8, 2), (32, 32, 4, 2)],
+    },
 }
 # The kv_start variant keeps a few more values live (kv_start, the first tile); these tiles, at the
-# register limit already, then spill on sm_90 (ptxas, bf16 and fp16), so its launches skip them.
-KV_START_SPILLS = {128: {(128, 128, 8, 3)}, 256: {(64, 64, 8, 2)}}
+# register limit already, then spill on sm_90 (bf16 and fp16), so its launches skip them.
+KV_START_SPILLS = {90: {128: {(128, 128, 8, 3)}, 256: {(64, 64, 8, 2)}}}
 # fp32 uses exact fp32 products (input_precision="ieee", no tensor cores): a correctness path
-# whose big tiles compile for a minute and spill, so it gets one small tile and no tuning.
-FP32_TILE = (32, 16, 4, 2)
+# whose big tiles compile for a minute and spill, so it gets one small tile per head dim and no
+# tuning (the smallest that does not spill on each family).
+FP32_TILES = {
+    90: {64: (16, 16, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
+    80: {64: (16, 16, 4, 2), 128: (32, 16, 4, 2), 256: (32, 16, 8, 2)},
+}
 
 
-def _tiles_for(block_d, kv_start=False):
-    padded_d = min(t for t in TILES if t >= block_d)
-    skip = KV_START_SPILLS.get(padded_d, set()) if kv_start else set()
-    return [t for t in TILES[padded_d] if t not in skip]
+def _family():
+    """90 on Hopper-class GPUs (sm_90 to sm_10x), 80 on the others: picks the tile table."""
+    arch = triton.runtime.driver.active.get_current_target().arch  # of the current device
+    return 90 if 90 <= arch < 120 else 80
+
+
+def _tiles_for(family, block_d, kv_start=False):
+    padded_d = min(t for t in TILES[family] if t >= block_d)
+    skip = KV_START_SPILLS.get(family, {}).get(padded_d, set()) if kv_start else set()
+    return [t for t in TILES[family][padded_d] if t not in skip]
 
 
 def _configs():
-    shapes = {t for tiles in TILES.values() for t in tiles} | {FP32_TILE}
+    shapes = {t for family in TILES.values() for tiles in family.values() for t in tiles}
+    shapes |= {t for family in FP32_TILES.values() for t in family.values()}
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in sorted(shapes)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """The tiles of this head dim and variant (BLOCK_M no taller than the rows need), or the fp32 tile."""
+    """The tiles of this GPU, head dim and variant (BLOCK_M no taller than the rows need), or the fp32 tile."""
     args = {**named_args, **kwargs}
+    family = args["family"]
     if args["DOT_PRECISION"] == "ieee":
-        wanted = [FP32_TILE]
+        fp32 = FP32_TILES[family]
+        wanted = [fp32[min(t for t in fp32 if t >= args["BLOCK_D"])]]
     else:
-        tiles = _tiles_for(args["BLOCK_D"], args["HAS_KV_START"])
+        tiles = _tiles_for(family, args["BLOCK_D"], args["HAS_KV_START"])
         short = [t for t in tiles if t[0] <= max(args["rows_bucket"], 32)]
         wanted = short or [min(tiles)]
     return [c for c in configs
@@ -225,7 +247,7 @@ def _prune(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     # the kv_start variant tunes apart, over its own tiles
-    configs=_configs(), key=["rows_bucket", "keys_bucket", "HEAD_D", "CAUSAL", "HAS_KV_START"],
+    configs=_configs(), key=["rows_bucket", "keys_bucket", "family", "HEAD_D", "CAUSAL", "HAS_KV_START"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd_kernel)
 
@@ -259,9 +281,9 @@ def attention(q, k, v, causal=True, scale=None, kv_start=None):
     if kv_start is not None and kv_start.dtype not in (torch.int32, torch.int64):
         kv_start = kv_start.to(torch.int32)
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    starts = q if kv_start is None else kv_start.contiguous()  # without kv_start never read: q stands in
     args = (
-        # without kv_start the pointer is never read (HAS_KV_START is False): pass q in its place
-        q, k, v, out, q if kv_start is None else kv_start.contiguous(), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, starts, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Sq, Sk, group, scale * LOG2E, _bucket(Sq * group), _bucket(Sk),
     )
     meta = dict(
@@ -272,9 +294,9 @@ def attention(q, k, v, causal=True, scale=None, kv_start=None):
     )
     if interpreting:
         grid = (triton.cdiv(Sq * group, INTERPRET_CONFIG["BLOCK_M"]), Hkv, B)
-        _attn_fwd_kernel[grid](*args, **meta, **INTERPRET_CONFIG)
+        _attn_fwd_kernel[grid](*args, 0, **meta, **INTERPRET_CONFIG)  # family 0: no tile table here
     else:
         grid = lambda cfg: (triton.cdiv(Sq * group, cfg["BLOCK_M"]), Hkv, B)  # noqa: E731
         with torch.cuda.device(q.device):  # triton launches on the current device
-            _attn_fwd_tuned[grid](*args, **meta)
+            _attn_fwd_tuned[grid](*args, _family(), **meta)
     return out

@@ -194,7 +194,7 @@ def _sm_count(device):
 
 
 def split_plan(smax, head_dim, device):
-    """(CHUNK, BLOCK_N) for a cache of length smax: a function of Smax and the device only.
+    """(CHUNK, BLOCK_N of 16-bit caches) for a cache of length smax: a function of Smax and the device only.
 
     On a GPU aim for about half as many splits as there are SMs (batch 1 with 8
     KV heads then gives ~4 programs per SM) but keep chunks >= 256 keys so the
@@ -227,6 +227,13 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None):
     kv_start = _rows(kv_start) if has_start else seqlens  # without kv_start the pointer is never read
 
     chunk, block_n = split_plan(Smax, D, q.device)
+    if q.dtype == torch.float32:
+        # exact fp32 products run on the FMA units with both operands in registers: 16-key tiles
+        # (CHUNK stays a multiple) over 8 warps keep them from spilling (tests/test_triton_compile.py);
+        # fp32 tiles take twice the shared memory, so 2 stages
+        block_n, warps, stages = 16, 8, 2
+    else:  # 3 stages of K/V tiles in flight for 16-bit caches
+        warps, stages = 4, 3
     splits = max(1, triton.cdiv(Smax, chunk))
     block_d = max(16, triton.next_power_of_2(D))
     if splits > 1:
@@ -244,8 +251,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None):
         CHUNK=chunk, BLOCK_N=block_n, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         SPLIT=splits > 1, HAS_KV_START=has_start, UPCAST=_interpreting() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        # 3 stages of K/V tiles in flight for 16-bit caches; fp32 tiles are twice the shared memory
-        num_warps=4, num_stages=2 if q.dtype == torch.float32 else 3,
+        num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         block_s = triton.next_power_of_2(splits)
