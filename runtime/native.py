@@ -220,8 +220,9 @@ def linear(x, weight, bias=None):
     float16 -> [..., N] in x's dtype, accumulated in float32. Streams the weight once per call for up
     to 32 rows of x (decode); more rows go to torch's GEMM. A row's result does not depend on the
     other rows (batch invariant, up to 32 rows)."""
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.device.type != "cpu":
-            raise RuntimeError(f"fuselm native linear runs on the CPU only ({name} is on {t.device}); "
-                               "use backend='torch' (F.linear) on GPUs")
+    if x.device.type != "cpu" or weight.device.type != "cpu" or (bias is not None and bias.device.type != "cpu"):
+        where = ", ".join(f"{n} is on {t.device}" for n, t in (("x", x), ("weight", weight), ("bias", bias))
+                          if t is not None and t.device.type != "cpu")
+        raise RuntimeError(f"fuselm native linear runs on the CPU only ({where}); use backend='torch' (F.linear) "
+                           "on GPUs")
     return _ops(x.device).linear(x, weight, bias)
