@@ -190,7 +190,7 @@ inline __m512 load16(const c10::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_
 template <int R, typename W>
 inline void prefetch_next_tile(const W* w, int64_t K) {
   if constexpr (R > 1)
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K), _MM_HINT_T1);
 }
 
 template <int R, int MB>
