@@ -15,9 +15,9 @@
 //     is one weight row: one sequential stream, which the hardware prefetcher
 //     follows at full speed (4 interleaved row streams ran at ~60% of it),
 //     and x is re-read from L1 for each row;
-//   - beyond, a tile is 4 weight rows x up to 6 rows of x (24 accumulators),
-//     so each x vector loaded from L2 serves 4 rows, and the next tile is
-//     prefetched in software.
+//   - beyond, a tile is 4 weight rows x up to 6 rows of x (AVX-512: 24
+//     accumulators; portable: 2 rows of x), so each x vector loaded from L2
+//     serves 4 rows, and the next tile is prefetched (into L2) in software.
 // Past kMaxRows rows of x (prefill) the product is compute-bound and the
 // blocked GEMM behind at::linear (MKL / oneDNN) is the better tool: the op
 // calls it.
@@ -26,7 +26,8 @@
 //   avx512bf16  bf16 pairs multiplied and summed by vdpbf16ps, 32 k per step
 //   avx512      float32 FMA, 16 k per step; bf16 widened by a 16-bit shift,
 //               fp16 by vcvtph2ps
-//   portable    16-lane float loops the compiler vectorizes (AVX2 / baseline clones)
+//   portable    8-lane float vectors (GCC/Clang vector extensions), built for
+//               AVX-512, AVX2 and the baseline as target_clones
 // FUSELM_LINEAR_ISA=portable|avx512 caps the choice (the tests run each path).
 //
 // Batch invariance: y[m, n] is one accumulator per vector lane over k, a
@@ -42,6 +43,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -55,14 +57,20 @@
 #else
 #define CLONES
 #endif
+// The generic loops and the portable kernel must inline into each clone (and into the AVX-512
+// entry points) to be compiled for its ISA.
+#if defined(__GNUC__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
+#endif
 
 namespace fuselm {
 namespace {
 
-constexpr int64_t kMaxRows = 32;  // rows of x up to which the op streams the weight itself
+constexpr int64_t kMaxRows = 32;        // rows of x up to which the op streams the weight itself
 constexpr int64_t kNarrowBytes = 12288;  // x up to this size: one-row tiles (measured; L1d is 32 KiB)
-constexpr int kWideRows = 4;      // weight rows per tile when x is larger
-constexpr int kXRows = 6;         // rows of x per tile
+constexpr int kWideRows = 4;             // weight rows per tile when x is larger
 
 // One call, as raw pointers. x is float32, except bf16 as given on the avx512bf16 path.
 struct Problem {
@@ -77,7 +85,7 @@ struct Problem {
 // Kernel::tile<R, MB>(x, ldx, w, K, sum) sets sum[m][r] = dot(x row m, w row r) for a tile
 // of R weight rows and MB rows of x; below, the loops over tiles, common to every path.
 template <typename Kernel, typename T, int R, int MB>
-inline void tile_and_store(const Problem& p, int64_t m0, int64_t n0) {
+ALWAYS_INLINE void tile_and_store(const Problem& p, int64_t m0, int64_t n0) {
   float sum[MB][R];
   Kernel::template tile<R, MB>(static_cast<const typename Kernel::X*>(p.x) + m0 * p.ldx, p.ldx,
                                static_cast<const typename Kernel::W*>(p.w) + n0 * p.K, p.K, sum);
@@ -89,9 +97,9 @@ inline void tile_and_store(const Problem& p, int64_t m0, int64_t n0) {
     }
 }
 
-// The last M % kXRows rows of x: one tile of MB rows when that many are left, else fewer.
+// The last M % Kernel::kXRows rows of x: one tile of MB rows when that many are left, else fewer.
 template <typename Kernel, typename T, int R, int MB>
-inline void tail_tile(const Problem& p, int64_t m, int64_t n0) {
+ALWAYS_INLINE void tail_tile(const Problem& p, int64_t m, int64_t n0) {
   if constexpr (MB > 0) {
     if (p.M - m == MB) return tile_and_store<Kernel, T, R, MB>(p, m, n0);
     tail_tile<Kernel, T, R, MB - 1>(p, m, n0);
@@ -100,15 +108,16 @@ inline void tail_tile(const Problem& p, int64_t m, int64_t n0) {
 
 // All M outputs of weight rows [n0, n0 + R).
 template <typename Kernel, typename T, int R>
-inline void tile_column(const Problem& p, int64_t n0) {
+ALWAYS_INLINE void tile_column(const Problem& p, int64_t n0) {
   int64_t m = 0;
-  for (; m + kXRows <= p.M; m += kXRows) tile_and_store<Kernel, T, R, kXRows>(p, m, n0);
-  tail_tile<Kernel, T, R, kXRows - 1>(p, m, n0);
+  constexpr int MB = Kernel::kXRows;
+  for (; m + MB <= p.M; m += MB) tile_and_store<Kernel, T, R, MB>(p, m, n0);
+  tail_tile<Kernel, T, R, MB - 1>(p, m, n0);
 }
 
 // All M outputs of weight rows [n0, n1).
 template <typename Kernel, typename T>
-inline void rows(const Problem& p, int64_t n0, int64_t n1) {
+ALWAYS_INLINE void rows(const Problem& p, int64_t n0, int64_t n1) {
   int64_t n = n0;
   if (p.M * p.K * static_cast<int64_t>(sizeof(typename Kernel::X)) > kNarrowBytes)
     for (; n + kWideRows <= n1; n += kWideRows) tile_column<Kernel, T, kWideRows>(p, n);
@@ -117,38 +126,90 @@ inline void rows(const Problem& p, int64_t n0, int64_t n1) {
 
 // ---------------------------------------------------------------- portable
 
-// 16 float lanes, loaded from n <= 16 elements (zeros past n).
+// 8 float lanes: lane l of an accumulator sums the k = l (mod 8). A GCC/Clang vector (one AVX2
+// register, two SSE ones), else a plain array.
+constexpr int kLanes = 8;
+#if defined(__GNUC__)
+typedef float Lanes __attribute__((vector_size(4 * kLanes)));
+#else
+struct Lanes {
+  float v[kLanes] = {};
+  float& operator[](int l) { return v[l]; }
+  Lanes& operator+=(const Lanes& o) {
+    for (int l = 0; l < kLanes; ++l) v[l] += o.v[l];
+    return *this;
+  }
+  friend Lanes operator*(Lanes a, const Lanes& b) {
+    for (int l = 0; l < kLanes; ++l) a.v[l] *= b.v[l];
+    return a;
+  }
+};
+#endif
+
+ALWAYS_INLINE Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+ALWAYS_INLINE Lanes load_lanes(const c10::BFloat16* p) {
+#if defined(__GNUC__)
+  typedef uint16_t Bits16 __attribute__((vector_size(2 * kLanes)));
+  typedef uint32_t Bits32 __attribute__((vector_size(4 * kLanes)));
+  Bits16 h;
+  std::memcpy(&h, p, sizeof h);
+  const Bits32 wide = __builtin_convertvector(h, Bits32) << 16;  // bf16 is the top half of a float
+  Lanes v;
+  std::memcpy(&v, &wide, sizeof v);
+  return v;
+#else
+  Lanes v;
+  for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(p[l]);
+  return v;
+#endif
+}
+ALWAYS_INLINE Lanes load_lanes(const c10::Half* p) {
+  Lanes v;
+  for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(p[l]);
+  return v;
+}
+// The last n < kLanes elements, zeros after.
 template <typename E>
-inline void load_lanes(const E* p, int64_t n, float (&v)[16]) {
-  for (int l = 0; l < 16; ++l) v[l] = l < n ? static_cast<float>(p[l]) : 0.f;
+ALWAYS_INLINE Lanes load_lanes(const E* p, int64_t n) {
+  E buf[kLanes] = {};
+  for (int64_t l = 0; l < n; ++l) buf[l] = p[l];
+  return load_lanes(buf);
 }
 
 template <typename WT>
 struct Portable {
   using X = float;
   using W = WT;
+  static constexpr int kXRows = 2;  // 4 x 2 accumulators + 4 weight vectors + x fit AVX2's 16 registers
 
-  template <int R, int MB>
-  static inline void step(const float* x, int64_t ldx, const W* w, int64_t K, int64_t n, float (&acc)[MB][R][16]) {
-    float wv[R][16], xv[16];
-    for (int r = 0; r < R; ++r) load_lanes(w + r * K, n, wv[r]);
+  template <int R, int MB, typename... Tail>
+  static ALWAYS_INLINE void step(const float* x, int64_t ldx, const W* w, int64_t K, Lanes (&acc)[MB][R],
+                                 Tail... n) {
+    Lanes wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load_lanes(w + r * K, n...);
     for (int m = 0; m < MB; ++m) {
-      load_lanes(x + m * ldx, n, xv);
-      for (int r = 0; r < R; ++r)
-        for (int l = 0; l < 16; ++l) acc[m][r][l] += wv[r][l] * xv[l];
+      const Lanes xv = load_lanes(x + m * ldx, n...);
+      for (int r = 0; r < R; ++r) acc[m][r] += wv[r] * xv;
     }
   }
 
   template <int R, int MB>
-  static inline void tile(const float* x, int64_t ldx, const W* w, int64_t K, float (&sum)[MB][R]) {
-    float acc[MB][R][16] = {};  // lane l sums the k = l (mod 16)
+  static ALWAYS_INLINE void tile(const float* x, int64_t ldx, const W* w, int64_t K, float (&sum)[MB][R]) {
+    Lanes acc[MB][R];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = Lanes{};
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) step<R, MB>(x + k, ldx, w + k, K, 16, acc);
-    if (k < K) step<R, MB>(x + k, ldx, w + k, K, K - k, acc);
+    for (; k + kLanes <= K; k += kLanes) step<R, MB>(x + k, ldx, w + k, K, acc);
+    if (k < K) step<R, MB>(x + k, ldx, w + k, K, acc, K - k);
     for (int m = 0; m < MB; ++m)
       for (int r = 0; r < R; ++r) {
-        float* a = acc[m][r];
-        for (int half = 8; half > 0; half /= 2)
+        float a[kLanes];
+        std::memcpy(a, &acc[m][r], sizeof a);
+        for (int half = kLanes / 2; half > 0; half /= 2)
           for (int l = 0; l < half; ++l) a[l] += a[l + half];
         sum[m][r] = a[0];
       }
@@ -170,8 +231,8 @@ CLONES void portable_rows(const Problem& p, const c10::BFloat16*, int64_t n0, in
 }  // namespace fuselm
 
 // ---------------------------------------------------------------- AVX-512
-// The tiles below are compiled for AVX-512 and called (not inlined) from the
-// loops above, once per tile; they run only where detect_isa() found the ISA.
+// Compiled for AVX-512 (the loops above inline into the *_rows entry points);
+// they run only where detect_isa() found the ISA.
 #ifdef FUSELM_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
@@ -203,6 +264,7 @@ template <typename WT>
 struct Avx512 {
   using X = float;
   using W = WT;
+  static constexpr int kXRows = 6;  // 4 x 6 accumulators + 4 weight vectors + x of 32 registers
 
   template <int R, int MB, typename... Mask>
   static inline void step(const float* x, int64_t ldx, const W* w, int64_t K, __m512 (&acc)[MB][R], Mask... k) {
@@ -248,6 +310,7 @@ namespace {
 struct Avx512Bf16 {
   using X = c10::BFloat16;
   using W = c10::BFloat16;
+  static constexpr int kXRows = 6;
 
   static inline __m512i load32(const c10::BFloat16* p) { return _mm512_loadu_si512(p); }
   static inline __m512i load32(const c10::BFloat16* p, __mmask32 k) { return _mm512_maskz_loadu_epi16(k, p); }
