@@ -98,6 +98,21 @@ def matmul_peak(device, dtype=torch.bfloat16):
     return _limits[("mm", device, dtype)]
 
 
+def bandwidth_rows(case, times, bytes_moved, device, baselines):
+    """One row per provider: case keys, timings, GB/s (bytes_moved / median time), % of copy
+    bandwidth, and the speed ratio to each baseline measured in the same run."""
+    copy = copy_bandwidth(device)
+    rows = []
+    for name, t in times.items():
+        gbps = bytes_moved / t["median_ms"] / 1e6
+        row = {**case, "provider": name, **t, "GB/s": gbps, "% copy": 100 * gbps / copy}
+        for base in baselines:
+            if base in times:
+                row[f"vs {base}"] = times[base]["median_ms"] / t["median_ms"]
+        rows.append(row)
+    return rows
+
+
 def check_close(name, out, expected, atol, rtol):
     """Correctness gate before timing: raises with the worst error if out is off."""
     out, expected = out.float(), expected.float()

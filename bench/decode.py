@@ -84,16 +84,8 @@ def run_case(fns, k_all, v_all, B, Hq, device, reps, notes):
         common.check_close(f"{name} B={B} L={L}", out[:r], expected, atol=2e-2, rtol=2e-2)
         del out
         times[name] = common.timeit(lambda: fn(q, k, v, seqlens), device, reps=reps)
-    copy = common.copy_bandwidth(device)
-    rows = []
-    for name, t in times.items():
-        gbps = bytes_moved / t["median_ms"] / 1e6
-        row = {"batch": B, "cache_len": L, "provider": name, **t, "GB/s": gbps, "% copy": 100 * gbps / copy}
-        for base in ("torch", "sdpa", "flash_attn"):
-            if base in times and base != name:
-                row[f"vs {base}"] = times[base]["median_ms"] / t["median_ms"]
-        rows.append(row)
-    return rows
+    return common.bandwidth_rows({"batch": B, "cache_len": L}, times, bytes_moved, device,
+                                 ("torch", "sdpa", "flash_attn"))
 
 
 def main(argv=None):

@@ -83,17 +83,8 @@ def run_case(op, fns, rows, hidden, residual, device, reps, notes):
             common.check_close(f"{name} {op} y", out[0], expected[0], atol=1e-2, rtol=1e-2)
             common.check_close(f"{name} {op} h", out[1], expected[1], atol=0, rtol=0)
         times[name] = common.timeit(lambda: fn(*args, eps=EPS, residual=r), device, reps=reps)
-    copy = common.copy_bandwidth(device)
-    out_rows = []
-    for name, t in times.items():
-        gbps = bytes_moved / t["median_ms"] / 1e6
-        row = {"op": op, "residual": residual, "rows": rows, "hidden": hidden, "provider": name, **t,
-               "GB/s": gbps, "% copy": 100 * gbps / copy}
-        for base in ("torch", "compile"):
-            if base in times:
-                row[f"vs {base}"] = times[base]["median_ms"] / t["median_ms"]
-        out_rows.append(row)
-    return out_rows
+    case = {"op": op, "residual": residual, "rows": rows, "hidden": hidden}
+    return common.bandwidth_rows(case, times, bytes_moved, device, ("torch", "compile"))
 
 
 def main(argv=None):

@@ -87,17 +87,8 @@ def run_case(fns, batch, vocab, filt, device, reps, notes):
             raise AssertionError(f"{name}: drew a token outside the reference's kept set "
                                  f"({filt}, B={batch}, V={vocab})")
         times[name] = common.timeit(lambda: fn(logits, generator=gen, **params), device, reps=reps)
-    copy = common.copy_bandwidth(device)
-    rows = []
-    for name, t in times.items():
-        gbps = bytes_moved / t["median_ms"] / 1e6
-        row = {"filter": filt, "batch": batch, "vocab": vocab, "provider": name, **t,
-               "GB/s": gbps, "% copy": 100 * gbps / copy}
-        for base in ("sort", "torch"):
-            if base in times:
-                row[f"vs {base}"] = times[base]["median_ms"] / t["median_ms"]
-        rows.append(row)
-    return rows
+    case = {"filter": filt, "batch": batch, "vocab": vocab}
+    return common.bandwidth_rows(case, times, bytes_moved, device, ("sort", "torch"))
 
 
 def main(argv=None):
