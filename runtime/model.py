@@ -8,6 +8,7 @@ matrix, gate/up fused into one, GPT-2's Conv1D [in, out] transposed to [out, in]
 Every norm and attention goes through `fuselm.ops`, so the backend is one switch.
 The residual add is fused into the next norm: `h, r = norm(a, residual=r)`.
 """
+import math
 import os
 import sys
 
@@ -242,10 +243,12 @@ def load_weights(ckpt, dtype, device, progress=True):
     c = ckpt.config
     shapes = _expected_shapes(c)
     sources = _sources(c, set(ckpt.names()))
+    tied = sources["lm_head"][1] == sources["embed"][1]
+    slots = _slots({n: s for n, s in shapes.items() if not (tied and n == "lm_head")}, dtype, device)
     weights = {}
     for name in tqdm(shapes, desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr):
         how, parts = sources[name]
-        if name == "lm_head" and parts == sources["embed"][1]:
+        if tied and name == "lm_head":
             weights[name] = weights["embed"]  # tied embeddings: one tensor, not a copy
             continue
         tensors = [ckpt.get(p, dtype, device) for p in parts]
@@ -254,8 +257,25 @@ def load_weights(ckpt, dtype, device, progress=True):
             raise ValueError(f"tensor {' + '.join(parts)} has shape {tuple(t.shape)}, but the config "
                              f"({c.arch}, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads}) "
                              f"needs {shapes[name]}")
-        weights[name] = t
+        weights[name] = slots[name].copy_(t)
+        del t, tensors  # free the staging copy before the next tensor is read
     return weights
+
+
+_ALIGN = 64  # bytes: every weight starts on a cache line (the native GEMV and 16-byte vector loads rely on it)
+
+
+def _slots(shapes, dtype, device):
+    """Views of one allocation, one per weight. A big allocation is memory-mapped lazily, so resident
+    memory grows only as each weight is written, and no per-weight allocations fragment the heap
+    (SmolLM2 in float32: load peak 850 -> ~800 MB)."""
+    align = _ALIGN // torch.empty((), dtype=dtype).element_size()
+    offsets, total = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = total
+        total += -(-math.prod(shape) // align) * align
+    flat = torch.empty(total, dtype=dtype, device=device)
+    return {name: flat[o:o + math.prod(shapes[name])].view(shapes[name]) for name, o in offsets.items()}
 
 
 class Model:
