@@ -135,6 +135,19 @@ def smollm2_path():
 
 
 @functools.lru_cache(maxsize=1)
+def smollm2_transformers():
+    """transformers' float32 model of the SmolLM2 GGUF, converted once per test process (~30 s): the oracle
+    of test_model and test_hf. Shared, so tests must not modify it (deep-copy it first)."""
+    import transformers
+    path = smollm2_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # fixed-length generations
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@functools.lru_cache(maxsize=1)
 def smollm2_reader():
     """The SmolLM2 file opened once per test process (fuselm's GGUFFile)."""
     from fuselm.gguf_file import GGUFFile

