@@ -2,7 +2,7 @@
 
 Models: the built-in SmolLM2-135M (fuselm in its default dtype and in float32,
 transformers in float32, as a CPU user runs it) and a random-weight Llama of
-Llama-3.2-1B shape in bfloat16 (a small shape with --quick). Providers per
+Llama-3.2-1B shape in bfloat16 (50M parameters on the CPU, tiny with --quick). Providers per
 model: fuselm's own runtime, transformers eager and sdpa, and transformers with
 `fuselm.hf.apply`. Batches 1 and 16 (1 and 4 with --quick).
 
@@ -27,6 +27,9 @@ from bench import common
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, max_position_embeddings=4096, rope_theta=500000.0,
                 tie_word_embeddings=True)
+# the CPU cannot decode the 1B shape in bf16 in useful time (~2.5 GB read per token): a 50M-parameter one
+LLAMA_CPU = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True)
 LLAMA_QUICK = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True)
 
@@ -143,13 +146,15 @@ def main(argv=None):
         "--models", default="smollm2,llama-1b", help="comma-separated subset of smollm2,llama-1b"))
     quick = args.quick
     wanted = args.models.split(",")
-    n_new, reps, prompt_len = (8, 1, 16) if quick else (64, 3, 128)
+    cpu = args.device == "cpu"
+    n_new, reps, prompt_len = (8, 1, 16) if quick else (32 if cpu else 64, 3, 128)
     batches = (1, 4) if quick else (1, 16)
+    llama, llama_label = ((LLAMA_QUICK, "Llama tiny shape (quick)") if quick else
+                          (LLAMA_CPU, "Llama 50M shape (CPU)") if cpu else (LLAMA_1B, "Llama 1B shape"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = {"smollm2": ("SmolLM2-135M", lambda: smollm2(args.device)),
-                  "llama-1b": ("Llama 1B shape" + (" (quick: tiny)" if quick else ""),
-                               lambda: random_llama(args.device, LLAMA_QUICK if quick else LLAMA_1B, tmp))}
+                  "llama-1b": (llama_label, lambda: random_llama(args.device, llama, tmp))}
         for label, make in (models[m] for m in wanted):
             ours, hf, hf_dtype = make()
             provs = _providers(ours, hf, hf_dtype)

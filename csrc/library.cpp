@@ -1,5 +1,5 @@
 // The fuselm operator library: schemas of torch.ops.fuselm.*. The CPU kernels
-// register in norm_cpu.cpp / sampling_cpu.cpp / linear_cpu.cpp, the CUDA kernels in
+// register in norm_cpu.cpp / sampling_cpu.cpp / linear_cpu.cpp / attention_cpu.cpp, the CUDA kernels in
 // norm_cuda.cu / sampling_cuda.cu, and the fake (shape) functions in Python
 // (fuselm.native), so the ops also trace under torch.compile.
 //
@@ -21,4 +21,12 @@ TORCH_LIBRARY(fuselm, m) {
   // y = x @ weight.T (+ bias): x [..., K], weight [N, K], bias [N], one dtype; float32 accumulation.
   // CPU only (linear_cpu.cpp), for decode's few rows of x.
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // softmax(q k^T * scale) v with GQA: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D]; causal is
+  // bottom-right aligned, kv_start [B] (any integer dtype) hides each row's first keys, scale None = D^-0.5.
+  // CPU only (attention_cpu.cpp).
+  m.def("attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None, Tensor? kv_start=None) -> Tensor");
+  // One query per row: q [B, Hq, D] over caches [B, Smax, Hkv, D], keys [kv_start[b], seqlens[b]) -> [B, Hq, D].
+  // CPU only (attention_cpu.cpp).
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float? scale=None, "
+        "Tensor? kv_start=None) -> Tensor");
 }

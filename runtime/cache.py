@@ -1,8 +1,8 @@
 """The KV cache: static, preallocated once per generate call.
 
 k and v are [layers, B, Smax, Hkv, D] in the model's dtype; `seqlens` [B]
-int32 on the device counts the cached positions of each row. Rows are
-right-aligned at position 0, so a row's cached length is also the position of
+int32 on the device counts the cached positions of each row. Every row starts
+at position 0 (prompts are right-padded), so its cached length is also the position of
 its next token. Decode steps write at `seqlens` with tensor indexing, so they
 never read a length back to the host (CUDA-graph friendly).
 """
@@ -23,13 +23,10 @@ class KVCache:
         """Bytes one cached token costs over all layers (K and V)."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def write_prefill(self, layer, row, start, k, v):
-        """Store k/v [1, S, Hkv, D] of row `row` at positions start..start+S-1; return the row's
-        cached k/v [1, start+S, Hkv, D] for attention."""
-        end = start + k.shape[1]
-        self.k[layer, row, start:end] = k[0]
-        self.v[layer, row, start:end] = v[0]
-        return self.k[layer, row:row + 1, :end], self.v[layer, row:row + 1, :end]
+    def write_prefill(self, layer, k, v):
+        """Store k/v [B, S, Hkv, D] of a prefill at positions 0..S-1 of every row."""
+        self.k[layer, :, :k.shape[1]] = k
+        self.v[layer, :, :v.shape[1]] = v
 
     def write_decode(self, layer, k, v):
         """Store one new k/v [B, Hkv, D] per row at position seqlens[b]; return the layer's caches."""

@@ -63,8 +63,11 @@ def generate_tokens(model, prompt_ids, max_new_tokens, pick, stats):
     with torch.inference_mode():
         cache = net.new_cache(len(prompt_ids), max(map(len, prompt_ids)) + max_new_tokens)
         t0 = time.perf_counter()
-        logits = torch.stack([net.prefill(torch.tensor(ids, device=device), cache, row)
-                              for row, ids in enumerate(prompt_ids)])
+        lengths = torch.tensor([len(ids) for ids in prompt_ids], dtype=torch.int32)
+        padded = torch.zeros(len(prompt_ids), int(lengths.max()), dtype=torch.long)  # right padding: id 0
+        for row, ids in enumerate(prompt_ids):
+            padded[row, :len(ids)] = torch.tensor(ids)
+        logits = net.prefill(padded.to(device), lengths.to(device), cache)
         tokens = pick(logits)
         out = tokens.tolist()
         stats.prefill_seconds = time.perf_counter() - t0

@@ -144,18 +144,21 @@ class Transformer:
         attend = lambda i, q, k, v: ops.attention(q, k, v, causal=True, backend=self.backend)  # noqa: E731
         return self._lm_head(self._blocks(tokens, positions, attend))
 
-    def prefill(self, tokens, cache, row, start=0):
-        """Append tokens [S] to cache row `row` (whose first `start` positions are filled);
-        returns float32 logits [V] of the last token. Sets the row's cached length."""
-        positions = torch.arange(start, start + tokens.shape[0], device=tokens.device).unsqueeze(0)
+    def prefill(self, tokens, lengths, cache):
+        """Prompts tokens [B, S], right-padded, row b holding lengths[b] (a [B] tensor) real tokens, into an
+        empty cache -> float32 logits [B, V] of each row's last real token. Padding needs no mask: it
+        comes after every real token of its row, so causal attention never shows it to them, and the
+        decode steps overwrite its cache slots (they write at seqlens = lengths)."""
+        B, S = tokens.shape
+        positions = torch.arange(S, device=tokens.device).expand(B, S)
 
         def attend(i, q, k, v):
-            k_all, v_all = cache.write_prefill(i, row, start, k, v)
-            return ops.attention(q, k_all, v_all, causal=True, backend=self.backend)
+            cache.write_prefill(i, k, v)
+            return ops.attention(q, k, v, causal=True, backend=self.backend)
 
-        h = self._blocks(tokens.unsqueeze(0), positions, attend)
-        cache.seqlens[row] = start + tokens.shape[0]
-        return self._lm_head(h[0, -1])
+        h = self._blocks(tokens, positions, attend)                          # [B, S, hidden]
+        cache.seqlens.copy_(lengths)
+        return self._lm_head(h[torch.arange(B, device=h.device), lengths.long() - 1])
 
     def decode(self, tokens, cache):
         """One step: tokens [B] at positions cache.seqlens -> float32 logits [B, V].
