@@ -4,6 +4,8 @@
     y = native.rms_norm(x, weight)                 # same semantics as fuselm.reference
     tokens = native.sample(logits, temperature=0.8, top_p=0.9)
     y = native.linear(x, weight)                   # CPU only: x @ weight.T for decode
+    o = native.attention(q, k, v, causal=True)     # CPU only: prefill attention (GQA, kv_start)
+    o = native.decode_attention(q, k_cache, v_cache, seqlens)   # CPU only: reads only the visible cache
 
 The extension is compiled just in time with torch.utils.cpp_extension (ninja)
 on first use of an op, or ahead of time with `build()` / `make native`, and
@@ -13,9 +15,10 @@ this module compiles nothing; without a compiler or ninja the ops raise a
 RuntimeError that says what is missing.
 
 The ops are registered with TORCH_LIBRARY as torch.ops.fuselm.rms_norm,
-layer_norm (overloads `.residual` return (y, h)), sample and linear (CPU only); their fake
-(shape) functions below let torch.compile trace them. None of them syncs with
-the host, so they can be captured in a CUDA graph.
+layer_norm (overloads `.residual` return (y, h)), sample, and the CPU-only linear,
+attention and decode_attention (on GPUs those run on backend 'torch' or 'triton');
+their fake (shape) functions below let torch.compile trace them. None of the CUDA
+ops syncs with the host, so they can be captured in a CUDA graph.
 """
 import os
 import shutil
@@ -27,7 +30,8 @@ import torch
 
 NAME = "fuselm_native"
 # One place for what gets compiled and how.
-CPU_SOURCES = ("library.cpp", "cpu_vec.cpp", "norm_cpu.cpp", "sampling_cpu.cpp", "linear_cpu.cpp")
+CPU_SOURCES = ("library.cpp", "cpu_vec.cpp", "norm_cpu.cpp", "sampling_cpu.cpp", "linear_cpu.cpp",
+               "attention_cpu.cpp")
 CUDA_SOURCES = ("norm_cuda.cu", "sampling_cuda.cu")
 CFLAGS = ["-O3", "-fopenmp-simd"]
 CUDA_FLAGS = [
@@ -162,8 +166,12 @@ def _register_fakes():
     def linear(x, weight, bias=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    def attention(q, *args):
+        return q.new_empty(q.shape)
+
     for op, fn in (("rms_norm", norm), ("rms_norm.residual", norm_residual), ("layer_norm", norm),
-                   ("layer_norm.residual", norm_residual), ("sample", sample), ("linear", linear)):
+                   ("layer_norm.residual", norm_residual), ("sample", sample), ("linear", linear),
+                   ("attention", attention), ("decode_attention", attention)):
         torch.library.register_fake(f"fuselm::{op}", fn)
 
 
@@ -220,9 +228,32 @@ def linear(x, weight, bias=None):
     float16 -> [..., N] in x's dtype, accumulated in float32. Streams the weight once per call for up
     to 32 rows of x (decode); more rows go to torch's GEMM. A row's result does not depend on the
     other rows (batch invariant, up to 32 rows)."""
-    if x.device.type != "cpu" or weight.device.type != "cpu" or (bias is not None and bias.device.type != "cpu"):
-        where = ", ".join(f"{n} is on {t.device}" for n, t in (("x", x), ("weight", weight), ("bias", bias))
-                          if t is not None and t.device.type != "cpu")
-        raise RuntimeError(f"fuselm native linear runs on the CPU only ({where}); use backend='torch' (F.linear) "
-                           "on GPUs")
+    _check_cpu("linear", "backend='torch' (F.linear)", x=x, weight=weight, bias=bias)
     return _ops(x.device).linear(x, weight, bias)
+
+
+def attention(q, k, v, causal=True, scale=None, kv_start=None):
+    """softmax(q k^T * scale) v on the CPU, as fuselm.reference.attention: q [B, Sq, Hq, D], k/v
+    [B, Sk, Hkv, D] (Hq a multiple of Hkv), one of float32, bfloat16, float16 -> [B, Sq, Hq, D],
+    accumulated in float32. Causal masking is bottom-right aligned; kv_start [B] (int32/int64)
+    hides each row's first keys, which are never read. A row's result does not depend on the
+    other rows (batch invariant)."""
+    _check_cpu("attention", "backend='triton'", q=q, k=k, v=v, kv_start=kv_start)
+    return _ops(q.device).attention(q, k, v, causal, scale, kv_start)
+
+
+def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None):
+    """One query per row on the CPU, as fuselm.reference.decode_attention: q [B, Hq, D] over caches
+    [B, Smax, Hkv, D], keys [kv_start[b], seqlens[b]) -> [B, Hq, D]. Reads only those keys (cost
+    proportional to the real lengths, not Smax); a row that sees no key is zeros. Batch invariant."""
+    _check_cpu("decode_attention", "backend='triton'", q=q, k_cache=k_cache, v_cache=v_cache, seqlens=seqlens,
+               kv_start=kv_start)
+    return _ops(q.device).decode_attention(q, k_cache, v_cache, seqlens, scale, kv_start)
+
+
+def _check_cpu(op, gpu_backend, **tensors):
+    """The CPU-only ops: a clear error naming the tensors elsewhere and the backend to use on GPUs."""
+    where = ", ".join(f"{n} is on {t.device}" for n, t in tensors.items()
+                      if isinstance(t, torch.Tensor) and t.device.type != "cpu")
+    if where:
+        raise RuntimeError(f"fuselm native {op} runs on the CPU only ({where}); use {gpu_backend} on GPUs")

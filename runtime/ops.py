@@ -199,21 +199,26 @@ def _check_rows(name, t, rows, device):
            f"{name} must be an integer tensor of shape ({rows},) on {device}, got {got}")
 
 
+def _check_qkv(q, q_layout, k, v, k_name, v_name, kv_layout):
+    """q and its keys/values: one device and dtype, shared batch and head dim, a valid GQA head ratio."""
+    _check_float("q", q)
+    _check(q.dim() == q_layout.count(",") + 1, f"q must be {q_layout}, got shape {tuple(q.shape)}")
+    _check_same(k_name, k, "q", q, shape=False)
+    _check(k.dim() == 4, f"{k_name} must be {kv_layout}, got shape {tuple(k.shape)}")
+    _check_same(v_name, v, k_name, k)
+    _check(k.dtype == q.dtype, f"{k_name} is {k.dtype} but q is {q.dtype}")
+    _check(k.shape[0] == q.shape[0] and k.shape[3] == q.shape[-1],
+           f"{k_name} {tuple(k.shape)} must share batch and head dim with q {tuple(q.shape)}")
+    _check_heads(q.shape[-2], k.shape[2])
+
+
 def attention(q, k, v, causal=True, scale=None, kv_start=None, backend=None):
     """Prefill attention. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D].
 
     Causal masking is bottom-right aligned (queries follow a cached prefix).
     kv_start [B] int (optional, default 0; left padding): row b ignores its first kv_start[b] keys.
     """
-    _check_float("q", q)
-    _check(q.dim() == 4, f"q must be [B, S, H, D], got shape {tuple(q.shape)}")
-    _check_same("k", k, "q", q, shape=False)
-    _check(k.dim() == 4, f"k must be [B, S, H, D], got shape {tuple(k.shape)}")
-    _check_same("v", v, "k", k)
-    _check(k.dtype == q.dtype, f"k is {k.dtype} but q is {q.dtype}")
-    _check(k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3],
-           f"k {tuple(k.shape)} must share batch and head dim with q {tuple(q.shape)}")
-    _check_heads(q.shape[2], k.shape[2])
+    _check_qkv(q, "[B, S, H, D]", k, v, "k", "v", "[B, S, H, D]")
     if kv_start is not None:
         _check_rows("kv_start", kv_start, q.shape[0], q.device)
     return implementation("attention", backend, q.device)(q, k, v, causal=causal, scale=scale, kv_start=kv_start)
@@ -225,15 +230,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None, ba
     kv_start [B] int is optional (default 0; left padding). kv_start[b] <= seqlens[b] <= Smax is
     the caller's contract (checking it would need a host sync).
     """
-    _check_float("q", q)
-    _check(q.dim() == 3, f"q must be [B, H, D], got shape {tuple(q.shape)}")
-    _check_same("k_cache", k_cache, "q", q, shape=False)
-    _check(k_cache.dim() == 4, f"k_cache must be [B, Smax, H, D], got shape {tuple(k_cache.shape)}")
-    _check_same("v_cache", v_cache, "k_cache", k_cache)
-    _check(k_cache.dtype == q.dtype, f"k_cache is {k_cache.dtype} but q is {q.dtype}")
-    _check(k_cache.shape[0] == q.shape[0] and k_cache.shape[3] == q.shape[2],
-           f"k_cache {tuple(k_cache.shape)} must share batch and head dim with q {tuple(q.shape)}")
-    _check_heads(q.shape[1], k_cache.shape[2])
+    _check_qkv(q, "[B, H, D]", k_cache, v_cache, "k_cache", "v_cache", "[B, Smax, H, D]")
     _check_rows("seqlens", seqlens, q.shape[0], q.device)
     if kv_start is not None:
         _check_rows("kv_start", kv_start, q.shape[0], q.device)
