@@ -9,6 +9,7 @@ on the CPU it is perf_counter.
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -45,6 +46,25 @@ def device_slug(device):
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def implementations(backend, op_names, device, quick, notes):
+    """{op: fuselm's implementation with `backend`} for the ops named, or None, with a note saying why,
+    when they cannot be timed here. Triton runs on CPU tensors only under its interpreter, and only
+    with --quick: interpreted timings say nothing about GPUs."""
+    from fuselm import ops
+    if backend == "triton" and torch.device(device).type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            notes.append("triton: needs CUDA; set TRITON_INTERPRET=1 with --quick to run it under the interpreter")
+            return None
+        if not quick:
+            notes.append("triton: the interpreter runs only with --quick (its timings say nothing about GPUs)")
+            return None
+    try:
+        return {op: ops.implementation(op, backend, torch.device(device)) for op in op_names}
+    except (RuntimeError, ValueError) as e:
+        notes.append(f"{backend}: not available ({e})")
+        return None
 
 
 def timeit(fn, device, reps=None, warmup=3):

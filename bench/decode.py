@@ -18,13 +18,12 @@ GPU's L2 across repetitions, so the smallest cases can exceed DRAM bandwidth.
     python -m bench.decode           # CUDA: bf16, D=128, Hq=32, Hkv=8, batch 1..128, L 1k..32k
     python -m bench.decode --quick   # tiny sizes; CPU smoke run (triton only with TRITON_INTERPRET=1)
 """
-import os
 
 import torch
 import torch.nn.functional as F
 
 from bench import common
-from fuselm import ops, reference
+from fuselm import reference
 
 DTYPE = torch.bfloat16
 REF_BYTES = 4 << 30  # the reference materializes the cache in float32, repeated per query head
@@ -47,13 +46,8 @@ def providers(device, quick, notes):
                 q.unsqueeze(1), k, v, cache_seqlens=lens.to(torch.int32)).squeeze(1)
         except ImportError:
             notes.append("flash_attn: not installed")
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type == "cuda" or (interpreting and quick):
-        out["triton"] = ops.implementation("decode_attention", "triton", device)
-    elif interpreting:
-        notes.append("triton: the interpreter runs only with --quick (its timings say nothing about GPUs)")
-    else:
-        notes.append("triton: needs CUDA; set TRITON_INTERPRET=1 with --quick to run it under the interpreter")
+    if (impls := common.implementations("triton", ("decode_attention",), device, quick, notes)) is not None:
+        out["triton"] = impls["decode_attention"]
     return out
 
 

@@ -14,12 +14,11 @@ GB/s = bytes / median time; "% copy" = GB/s / measured copy bandwidth;
     python -m bench.norm           # CUDA: 4096 rows, hidden 2048..16384 (+32768: chunked kernel), bf16
     python -m bench.norm --quick   # tiny sizes; CPU smoke run (triton only with TRITON_INTERPRET=1)
 """
-import os
 
 import torch
 
 from bench import common
-from fuselm import ops, reference
+from fuselm import reference
 
 OPS = ("rms_norm", "layer_norm")
 DTYPE = torch.bfloat16
@@ -33,17 +32,9 @@ def providers(device, quick, notes):
         out["compile"] = None  # compiled per case in run_case, after a dynamo reset
     else:
         notes.append("torch.compile: measured on CUDA only; skipped on the CPU")
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type == "cuda" or (interpreting and quick):
-        out["triton"] = {op: ops.implementation(op, "triton", device) for op in OPS}
-    elif interpreting:
-        notes.append("triton: the interpreter runs only with --quick (its timings say nothing about GPUs)")
-    else:
-        notes.append("triton: needs CUDA; set TRITON_INTERPRET=1 with --quick to run it under the interpreter")
-    try:
-        out["native"] = {op: ops.implementation(op, "native", device) for op in OPS}
-    except (RuntimeError, ValueError) as e:
-        notes.append(f"native: not available ({e})")
+    for backend in ("triton", "native"):
+        if (impls := common.implementations(backend, OPS, device, quick, notes)) is not None:
+            out[backend] = impls
     return out
 
 

@@ -17,12 +17,11 @@ GB/s = bytes / median time; "% copy" = GB/s / measured copy bandwidth;
     python -m bench.sampling          # CUDA: batch 1..128, vocab 32k..256k, top_k=50 / top_p=0.9 / both
     python -m bench.sampling --quick  # tiny sizes; CPU smoke run (triton only with TRITON_INTERPRET=1)
 """
-import os
 
 import torch
 
 from bench import common
-from fuselm import ops, reference
+from fuselm import reference
 
 TEMPERATURE = 1.0
 FILTERS = {"top_k=50": dict(top_k=50), "top_p=0.9": dict(top_p=0.9), "both": dict(top_k=50, top_p=0.9)}
@@ -50,17 +49,9 @@ def sort_sampler(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 def providers(device, quick, notes):
     """name -> sample(logits, generator=..., **params); the baselines first."""
     out = {"sort": sort_sampler, "torch": reference.sample}
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type == "cuda" or (interpreting and quick):
-        out["triton"] = ops.implementation("sample", "triton", device)
-    elif interpreting:
-        notes.append("triton: the interpreter runs only with --quick (its timings say nothing about GPUs)")
-    else:
-        notes.append("triton: needs CUDA; set TRITON_INTERPRET=1 with --quick to run it under the interpreter")
-    try:
-        out["native"] = ops.implementation("sample", "native", device)
-    except (RuntimeError, ValueError) as e:
-        notes.append(f"native: not available ({e})")
+    for backend in ("triton", "native"):
+        if (impls := common.implementations(backend, ("sample",), device, quick, notes)) is not None:
+            out[backend] = impls["sample"]
     return out
 
 
