@@ -53,7 +53,7 @@ def _picker(model, temperature, top_k, top_p, min_p, seed):
         generator = torch.Generator(device=model.device)
         generator.manual_seed(seed)
     return lambda logits: ops.sample(logits, temperature, top_k, top_p, min_p, generator=generator,
-                                     backend=model.backend)
+                                     backend=model.net.backends["sample"])
 
 
 def generate_tokens(model, prompt_ids, max_new_tokens, pick, stats):

@@ -46,10 +46,21 @@ def parse_device(device):
     return device
 
 
-def backend_for(op, backend):
-    """The backend the model asks `op` for. Matmuls are torch's (cuBLAS / oneDNN) or the native CPU
-    GEMV; a model forced onto "triton" keeps torch matmuls, since Triton has no linear of ours."""
-    return "torch" if op == "linear" and backend == "triton" else backend
+# What a model forced onto one backend runs elsewhere, per device type: the ops that backend lacks there.
+# Matmuls stay torch's (cuBLAS / oneDNN) except where native's CPU GEMV runs them.
+_BORROWED = {
+    ("triton", "cpu"): {"linear": "torch"},
+    ("triton", "cuda"): {"linear": "torch"},
+    ("native", "cuda"): {"linear": "torch", "attention": "triton", "decode_attention": "triton"},
+}
+
+
+def backends_for(backend, device):
+    """op -> the backend the model asks for it on `device`; says what a forced backend borrows."""
+    borrowed = _BORROWED.get((backend, device.type), {})
+    for op, other in borrowed.items():
+        ops.log.info("fuselm: backend %r has no %s on %s; the model runs it on %r", backend, op, device.type, other)
+    return {op: borrowed.get(op, backend) for op in OPS}
 
 
 def cpu_has_fast_bf16():
@@ -72,10 +83,10 @@ def default_dtype(device):
 class Transformer:
     """The network: weights plus forward passes with and without a KV cache."""
 
-    def __init__(self, config, weights, backend, device):
+    def __init__(self, config, weights, backends, device):
+        """backends: op -> backend name (see backends_for)."""
         self.config = config
-        self.backend = backend
-        self.linear_backend = backend_for("linear", backend)
+        self.backends = backends
         self.w = weights
         c = config
         self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -89,11 +100,12 @@ class Transformer:
         w, c = self.w, self.config
         if c.arch == "gpt2":
             return ops.layer_norm(x, w[name + ".weight"], w[name + ".bias"], eps=c.norm_eps,
-                                  residual=residual, backend=self.backend)
-        return ops.rms_norm(x, w[name + ".weight"], eps=c.norm_eps, residual=residual, backend=self.backend)
+                                  residual=residual, backend=self.backends["layer_norm"])
+        return ops.rms_norm(x, w[name + ".weight"], eps=c.norm_eps, residual=residual,
+                            backend=self.backends["rms_norm"])
 
     def _linear(self, x, name):
-        return ops.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"), backend=self.linear_backend)
+        return ops.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"), backend=self.backends["linear"])
 
     def _mlp(self, h, i):
         p = f"layers.{i}."
@@ -141,7 +153,7 @@ class Transformer:
     def forward(self, tokens):
         """Full causal forward of tokens [B, S] without a cache -> float32 logits [B, S, V]."""
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
-        attend = lambda i, q, k, v: ops.attention(q, k, v, causal=True, backend=self.backend)  # noqa: E731
+        attend = lambda i, q, k, v: ops.attention(q, k, v, causal=True, backend=self.backends["attention"])  # noqa: E731
         return self._lm_head(self._blocks(tokens, positions, attend))
 
     def prefill(self, tokens, lengths, cache):
@@ -154,7 +166,7 @@ class Transformer:
 
         def attend(i, q, k, v):
             cache.write_prefill(i, k, v)
-            return ops.attention(q, k, v, causal=True, backend=self.backend)
+            return ops.attention(q, k, v, causal=True, backend=self.backends["attention"])
 
         h = self._blocks(tokens, positions, attend)                          # [B, S, hidden]
         cache.seqlens.copy_(lengths)
@@ -168,7 +180,8 @@ class Transformer:
 
         def attend(i, q, k, v):
             k_cache, v_cache = cache.write_decode(i, k[:, 0], v[:, 0])
-            return ops.decode_attention(q[:, 0], k_cache, v_cache, lengths, backend=self.backend).unsqueeze(1)
+            return ops.decode_attention(q[:, 0], k_cache, v_cache, lengths,
+                                        backend=self.backends["decode_attention"]).unsqueeze(1)
 
         h = self._blocks(tokens.unsqueeze(1), positions, attend)
         cache.seqlens.add_(1)
@@ -284,11 +297,10 @@ def _slots(shapes, dtype, device):
 class Model:
     """A loaded model: `generate`, `chat`, `logits`, plus `tokenizer` and `config`."""
 
-    def __init__(self, net, tokenizer, backend):
+    def __init__(self, net, tokenizer):
         self.net = net
         self.config = net.config
         self.tokenizer = tokenizer
-        self.backend = backend
         self.device = net.w["embed"].device
         self.dtype = net.w["embed"].dtype
         self.last_stats = None
@@ -302,15 +314,16 @@ class Model:
         ops.check_backend_name(backend)
         # fail now, not mid-generation, if a backend cannot run here; build the native
         # extension now too, so its one-time compile is not timed as generation
-        resolved = {ops.resolve(op, backend_for(op, backend), device) for op in OPS
-                    if ops.implementation(op, backend_for(op, backend), device)}
+        backends = backends_for(backend, device)
+        resolved = {ops.resolve(op, backends[op], device) for op in OPS
+                    if ops.implementation(op, backends[op], device)}
         if "native" in resolved:
             from . import native
             native.build()
         ckpt = open_checkpoint(source)
         tokenizer = ckpt.tokenizer()
         weights = load_weights(ckpt, dtype, device, progress)
-        model = cls(Transformer(ckpt.config, weights, backend, device), tokenizer, backend)
+        model = cls(Transformer(ckpt.config, weights, backends, device), tokenizer)
         if progress:
             model._print_sizes(weights)
         return model
