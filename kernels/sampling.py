@@ -214,6 +214,16 @@ def _exponential(u):
 
 
 @triton.jit
+def _row_param(ptr, value, rows, row_ok, other, DTYPE: tl.constexpr, PER_ROW: tl.constexpr, ROWS: tl.constexpr):
+    """A sampling parameter of each row: loaded from a [B] tensor, or the one value for all rows."""
+    if PER_ROW:
+        out = tl.load(ptr + rows, mask=row_ok, other=other).to(DTYPE)
+    else:
+        out = tl.full([ROWS], value, DTYPE)
+    return out
+
+
+@triton.jit
 def _sample_kernel(
     X_ptr, stride_xr, stride_xc, n_rows, n_cols,
     T_ptr, t_val, K_ptr, k_val, P_ptr, p_val, MP_ptr, mp_val,
@@ -225,22 +235,10 @@ def _sample_kernel(
     row_ok = rows < n_rows
     row_off = rows.to(tl.int64) * stride_xr
     # per-row parameters: a [B] tensor or one value for all rows
-    if T_ROWS:
-        temp = tl.load(T_ptr + rows, mask=row_ok, other=1.0)
-    else:
-        temp = tl.full([ROWS], t_val, tl.float32)
-    if K_ROWS:
-        k = tl.load(K_ptr + rows, mask=row_ok, other=0)
-    else:
-        k = tl.full([ROWS], k_val, tl.int32)
-    if P_ROWS:
-        top_p = tl.load(P_ptr + rows, mask=row_ok, other=1.0)
-    else:
-        top_p = tl.full([ROWS], p_val, tl.float32)
-    if MP_ROWS:
-        min_p = tl.load(MP_ptr + rows, mask=row_ok, other=0.0)
-    else:
-        min_p = tl.full([ROWS], mp_val, tl.float32)
+    temp = _row_param(T_ptr, t_val, rows, row_ok, 1.0, tl.float32, T_ROWS, ROWS)
+    k = _row_param(K_ptr, k_val, rows, row_ok, 0, tl.int32, K_ROWS, ROWS)
+    top_p = _row_param(P_ptr, p_val, rows, row_ok, 1.0, tl.float32, P_ROWS, ROWS)
+    min_p = _row_param(MP_ptr, mp_val, rows, row_ok, 0.0, tl.float32, MP_ROWS, ROWS)
     tdiv = tl.where(temp == 0, 1.0, temp)
 
     # pass 1: argmax of the raw logits (torch semantics), max and min of l = logits / T;
