@@ -177,24 +177,14 @@ MODEL = Case((2, 7), 576, torch.bfloat16, torch.float32, True, False, "leading_t
              1.0, 0.0, "zero", 1e-5, 4)
 
 
-@pytest.mark.parametrize("backend", kernel_backends("rms_norm"))
+@pytest.mark.parametrize("op,backend", [(op, b) for op in ("rms_norm", "layer_norm") for b in kernel_backends(op)])
 @given(c=norm_cases())
 @example(c=WIDE_CASE)
 @example(c=WIDE_STRIDED)
 @example(c=ONE_WIDE)
 @example(c=MODEL)
-def test_rms_norm_matches_reference(backend, c):
-    check_case("rms_norm", backend, c)
-
-
-@pytest.mark.parametrize("backend", kernel_backends("layer_norm"))
-@given(c=norm_cases())
-@example(c=WIDE_CASE)
-@example(c=WIDE_STRIDED)
-@example(c=ONE_WIDE)
-@example(c=MODEL)
-def test_layer_norm_matches_reference(backend, c):
-    check_case("layer_norm", backend, c)
+def test_norm_matches_reference(op, backend, c):
+    check_case(op, backend, c)
 
 
 @pytest.mark.parametrize("op,backend", [(op, b) for op in ("rms_norm", "layer_norm") for b in kernel_backends(op)])
