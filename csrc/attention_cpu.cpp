@@ -1,0 +1,369 @@
+// CPU attention: torch.ops.fuselm.attention (prefill) and decode_attention on CPU tensors.
+//
+// Each query row (batch b, query i, head h) attends to its visible keys j in [lo, hi) of KV head
+// h / G (GQA, G = Hq / Hkv):
+//   s_j = scale * (q . k_j)        o = sum_j softmax(s)_j v_j        o = 0 when no key is visible
+//   prefill: lo = kv_start[b], hi = Sk, or min(Sk, i + Sk - Sq + 1) when causal (bottom-right aligned)
+//   decode:  the same with one query (Sq = 1) and hi = seqlens[b] (clamped to [0, Smax]), no causal limit
+// Keys outside [lo, hi) are never read: before kv_start and past seqlens they may hold anything (NaN).
+//
+// Online softmax (one function for both ops, `update`): keys arrive in blocks of kKeyBlock; per
+// row a running max m, sum l and a float32 accumulator acc [D]:
+//   m' = max(m, max_j s_j)   acc = acc * e^(m - m') + sum_j e^(s_j - m') v_j   l likewise   o = acc / l
+// A block whose scores are all -inf is shifted by 0 instead of -inf, so its keys weigh exactly 0
+// (as in softmax) rather than NaN; a row that saw keys but only -inf scores is NaN, as softmax.
+// Float32 throughout; the output is rounded once to the input dtype.
+//
+// Work split: a task is (b, KV head, a block of kQueryRows / G queries): its rows (queries x the G
+// heads of the group) share every K/V row, converted to float32 once per task, so decode reads each
+// cached K/V row once for the whole query-head group and prefill reuses it from cache for ~64 rows.
+// Tasks go to the threads of at::parallel_for on demand (causal query blocks differ in cost).
+//
+// Bytes (e = element size of the inputs):
+//   decode:  2 * Hkv * D * e * sum_b (seqlens[b] - kv_start[b])   (the visible cache, once)
+//            + 2 * B * Hq * D * e                                  (q read, o written)
+//   prefill: 2 * Hkv * D * e * sum over tasks of the keys they see (~ B * Sk * ceil(Sq / (64 / G)),
+//            about half of it when causal) + 2 * B * Sq * Hq * D * e
+// FLOPs: 4 * D per (query row, visible key).
+//
+// Batch invariance: a row's key blocks, and so its reduction order, depend only on its own
+// kv_start / length and its query block, never on B, the other rows or the thread count.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_vec.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+// The loops must inline into each clone to be compiled for its vector width.
+#if defined(__GNUC__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
+#endif
+
+namespace fuselm {
+namespace {
+
+constexpr int64_t kQueryRows = 64;      // query rows (queries x group heads) per prefill task
+constexpr int64_t kBlockFloats = 4096;  // keys per block x D: a float32 K block of 16 KiB, V the same
+constexpr int64_t kMinWork = 1 << 16;   // (row, key, d) products per thread below which one thread runs it
+
+// One call, as raw pointers and element strides; the head dim is contiguous in q, k, v.
+struct Problem {
+  const void *q, *k, *v;
+  void* out;  // [B, Sq, Hq, D] contiguous
+  int64_t B, Sq, Hq, Hkv, D, Sk;
+  int64_t q_b, q_i, q_h, k_b, k_j, k_h, v_b, v_j, v_h;
+  const int64_t* lo;  // [B] first visible key of each batch row, in [0, Sk]
+  const int64_t* hi;  // [B] one past its last key before the causal limit, in [0, Sk]
+  bool causal;
+  float scale;
+  int64_t queries;    // queries per task
+  int64_t key_block;  // keys per block
+
+  int64_t group() const { return Hq / Hkv; }
+  int64_t query_blocks() const { return (Sq + queries - 1) / queries; }
+  int64_t tasks() const { return B * Hkv * query_blocks(); }
+  // One past the last key query i of batch row b sees.
+  int64_t end(int64_t b, int64_t i) const { return causal ? std::min(hi[b], i + Sk - Sq + 1) : hi[b]; }
+};
+
+// 16 float lanes (one AVX-512 register, two AVX2 ones; GCC/Clang vector extensions). The kernel's
+// float32 rows are padded with zeros to whole vectors, so no loop has a tail.
+constexpr int64_t kLanes = 16;
+typedef float Vec __attribute__((vector_size(4 * kLanes)));
+
+ALWAYS_INLINE Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+ALWAYS_INLINE void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+// A tree of register halves (a loop over a float array compiles to store-forwarding stalls).
+ALWAYS_INLINE float sum_lanes(Vec v) {
+  typedef float Vec8 __attribute__((vector_size(32)));
+  typedef float Vec4 __attribute__((vector_size(16)));
+  const Vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// Per-thread buffers, sized for the largest task; rows of Dp = D rounded up to kLanes floats.
+// Zero-filled once: the padding stays zero, so it adds nothing to dot products or outputs.
+struct Scratch {
+  int64_t Dp;
+  std::vector<float> q, acc, m, l, s, k, v, o;
+  explicit Scratch(const Problem& p) : Dp((p.D + kLanes - 1) / kLanes * kLanes) {
+    const int64_t rows = p.queries * p.group();
+    q.resize(rows * Dp);
+    acc.resize(rows * Dp);
+    m.resize(rows);
+    l.resize(rows);
+    s.resize((p.key_block + kLanes - 1) / kLanes * kLanes);
+    k.resize(p.key_block * Dp);
+    v.resize(p.key_block * Dp);
+    o.resize(Dp);
+  }
+};
+
+// n rows of D elements, `ld` apart, into buf as float32 rows Dp apart. float32 is copied too: the
+// padded rows need no tail loops, and the copy reads cache lines the kernel reads anyway.
+// Row j of the next block (`ahead` rows on) is asked for into L2 as row j is read: the K/V rows of
+// one head are Hkv * D apart in the cache, a stride the hardware prefetcher follows poorly, and
+// spreading the requests keeps them from stalling on full miss buffers (measured, decode).
+template <typename T>
+ALWAYS_INLINE void load_rows(const T* src, int64_t ld, int64_t n, int64_t ahead, int64_t D, int64_t Dp, float* buf) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (j < ahead)
+      for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(T)); byte += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(src + (n + j) * ld) + byte, 0, 2);
+    cpu::to_float(src + j * ld, buf + j * Dp, D);
+  }
+}
+
+// s[j] = scale * (q . k_j) for n key rows Dp apart; four keys at a time share each q vector. Each
+// key has one accumulator summed over d in order, so a key's score is the same in either loop.
+ALWAYS_INLINE void scores(const float* q, const float* k, int64_t n, int64_t Dp, float scale, float* s) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* kj = k + j * Dp;
+    Vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    for (int64_t d = 0; d < Dp; d += kLanes) {
+      const Vec qd = load(q + d);
+      s0 += qd * load(kj + d);
+      s1 += qd * load(kj + Dp + d);
+      s2 += qd * load(kj + 2 * Dp + d);
+      s3 += qd * load(kj + 3 * Dp + d);
+    }
+    s[j] = sum_lanes(s0) * scale;
+    s[j + 1] = sum_lanes(s1) * scale;
+    s[j + 2] = sum_lanes(s2) * scale;
+    s[j + 3] = sum_lanes(s3) * scale;
+  }
+  for (; j < n; ++j) {
+    Vec s0 = {};
+    for (int64_t d = 0; d < Dp; d += kLanes) s0 += load(q + d) * load(k + j * Dp + d);
+    s[j] = sum_lanes(s0) * scale;
+  }
+}
+
+// The online-softmax step of one row over n more keys: s [n rounded up to kLanes] their scores
+// (overwritten with e^(s - m'), zeros after n), v their value rows (Dp apart), m / l / acc [Dp]
+// the row's running state. Four accumulators over the keys: one would be a chain of dependent FMAs.
+ALWAYS_INLINE void update(float* s, int64_t n, const float* v, int64_t Dp, float& m, float& l, float* acc) {
+  const float m_new = std::max(m, cpu::max(s, n));  // a NaN score is skipped here and turns into a NaN weight below
+  const float shift = m_new == -INFINITY ? 0.f : m_new;  // all -inf so far: weights e^-inf = 0, not NaN
+  cpu::exp_shifted(s, n, shift);
+  const float alpha = std::exp(m - shift);  // the old terms' rescale; 0 while m is -inf
+  std::fill(s + n, s + (n + kLanes - 1) / kLanes * kLanes, 0.f);
+  Vec sum = {};
+  for (int64_t j = 0; j < n; j += kLanes) sum += load(s + j);
+  l = l * alpha + sum_lanes(sum);
+  for (int64_t d = 0; d < Dp; d += kLanes) {
+    const float* vd = v + d;
+    Vec a0 = load(acc + d) * alpha, a1 = {}, a2 = {}, a3 = {};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      a0 += s[j] * load(vd + j * Dp);
+      a1 += s[j + 1] * load(vd + (j + 1) * Dp);
+      a2 += s[j + 2] * load(vd + (j + 2) * Dp);
+      a3 += s[j + 3] * load(vd + (j + 3) * Dp);
+    }
+    for (; j < n; ++j) a0 += s[j] * load(vd + j * Dp);
+    store(acc + d, (a0 + a1) + (a2 + a3));
+  }
+  m = m_new;
+}
+
+// One task: batch row b, KV head h, queries [i0, i1), each with the G query heads of h.
+template <typename T>
+ALWAYS_INLINE void run_task(const Problem& p, int64_t task, Scratch& w) {
+  const int64_t G = p.group(), D = p.D, Dp = w.Dp, blocks = p.query_blocks();
+  const int64_t b = task / (p.Hkv * blocks), h = task / blocks % p.Hkv;
+  const int64_t i0 = task % blocks * p.queries, i1 = std::min(p.Sq, i0 + p.queries);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_b + h * G * p.q_h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_b + h * p.k_h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_b + h * p.v_h;
+  // row r = (i - i0) * G + g: query i, head h * G + g
+  for (int64_t i = i0; i < i1; ++i)
+    load_rows(q + i * p.q_i, p.q_h, G, 0, D, Dp, w.q.data() + (i - i0) * G * Dp);
+  const int64_t rows = (i1 - i0) * G;
+  std::fill_n(w.acc.begin(), rows * Dp, 0.f);
+  std::fill_n(w.m.begin(), rows, -INFINITY);
+  std::fill_n(w.l.begin(), rows, 0.f);
+
+  const int64_t lo = p.lo[b], hi = p.end(b, i1 - 1);  // the keys any row of the task sees
+  for (int64_t j0 = lo; j0 < hi; j0 += p.key_block) {
+    const int64_t n = std::min(p.key_block, hi - j0);
+    const int64_t ahead = std::min(p.key_block, hi - j0 - n);  // rows of the next block
+    load_rows(k + j0 * p.k_j, p.k_j, n, ahead, D, Dp, w.k.data());
+    load_rows(v + j0 * p.v_j, p.v_j, n, ahead, D, Dp, w.v.data());
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t seen = std::min(n, p.end(b, i) - j0);  // causal: a prefix of the block
+      if (seen <= 0) continue;
+      for (int64_t r = (i - i0) * G; r < (i - i0 + 1) * G; ++r) {
+        scores(w.q.data() + r * Dp, w.k.data(), seen, Dp, p.scale, w.s.data());
+        update(w.s.data(), seen, w.v.data(), Dp, w.m[r], w.l[r], w.acc.data() + r * Dp);
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.out) + (b * p.Sq * p.Hq + h * G) * D;
+  for (int64_t i = i0; i < i1; ++i) {
+    // l = 0: no key visible (zeros), or only -inf scores (NaN, as softmax of all -inf)
+    const float empty = p.end(b, i) > lo ? NAN : 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = (i - i0) * G + g;
+      const float* acc = w.acc.data() + r * Dp;
+      const float l = w.l[r];
+      for (int64_t d = 0; d < D; ++d) w.o[d] = l == 0.f ? empty : acc[d] / l;
+      cpu::from_float(w.o.data(), out + (i * p.Hq + g) * D, D);
+    }
+  }
+}
+
+// Tasks pulled from `next` until none is left; one clone set per dtype.
+template <typename T>
+ALWAYS_INLINE void run_tasks(const Problem& p, std::atomic<int64_t>& next) {
+  Scratch w(p);
+  for (int64_t t; (t = next.fetch_add(1)) < p.tasks();) run_task<T>(p, t, w);
+}
+CLONES void run_tasks(const Problem& p, const float*, std::atomic<int64_t>& next) { run_tasks<float>(p, next); }
+CLONES void run_tasks(const Problem& p, const c10::Half*, std::atomic<int64_t>& next) {
+  run_tasks<c10::Half>(p, next);
+}
+CLONES void run_tasks(const Problem& p, const c10::BFloat16*, std::atomic<int64_t>& next) {
+  run_tasks<c10::BFloat16>(p, next);
+}
+
+template <typename T>
+void run(const Problem& p) {
+  // As many threads as the work is worth: at most the task count, at least kMinWork products each
+  // (estimated from the longest possible key range, without reading the lengths per row).
+  const int64_t work = p.tasks() * std::min(p.Sq, p.queries) * p.group() * std::max<int64_t>(p.Sk, 1) * p.D;
+  const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(work / kMinWork, p.tasks()), 1, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  const T* dtype = nullptr;  // picks the overload
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { run_tasks(p, dtype, next); });
+}
+
+// ---------------------------------------------------------------- the ops
+
+// q, k, v as the kernel reads them: the head dim contiguous (a copy only for a strided head dim).
+at::Tensor unit_last(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// An optional [B] integer tensor (any integer dtype) as int64 values clamped to [0, limit], or `fill`.
+std::vector<int64_t> row_values(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                const at::Tensor& q, int64_t limit, int64_t fill) {
+  std::vector<int64_t> out(q.size(0), fill);
+  if (!t.has_value()) return out;
+  TORCH_CHECK(at::isIntegralType(t->scalar_type(), /*includeBool=*/false), op, ": ", name,
+              " must be an integer tensor, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == q.size(0), op, ": ", name, " must have shape (", q.size(0),
+              ",), got ", t->sizes());
+  TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", t->device(), " but q is on ", q.device());
+  const at::Tensor values = t->to(at::kLong).contiguous();
+  const int64_t* data = values.const_data_ptr<int64_t>();
+  for (size_t b = 0; b < out.size(); ++b) out[b] = std::clamp<int64_t>(data[b], 0, limit);
+  return out;
+}
+
+// The checks shared by both ops: k and v of one shape [B, S, Hkv, D], q's dtype and device, Hq = G * Hkv.
+void check_kv(const char* op, const at::Tensor& q, int64_t q_heads, const at::Tensor& k, const at::Tensor& v,
+              const char* k_name, const char* v_name) {
+  check_float(op, "q", q);
+  for (const auto& [name, t] : {std::pair{k_name, &k}, std::pair{v_name, &v}}) {
+    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", t->device(), " but q is on ", q.device());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " is ", t->scalar_type(), " but q is ",
+                q.scalar_type());
+  }
+  TORCH_CHECK(k.dim() == 4, op, ": ", k_name, " must be [B, S, H, D], got shape ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": ", v_name, " has shape ", v.sizes(), " but ", k_name, " has ",
+              k.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(-1), op, ": ", k_name, " ", k.sizes(),
+              " must share batch and head dim with q ", q.sizes());
+  TORCH_CHECK(k.size(2) > 0 && q_heads % k.size(2) == 0, op, ": query heads (", q_heads,
+              ") must be a multiple of key/value heads (", k.size(2), ")");
+}
+
+// Fills everything but the q pointer/strides, lo, hi and causal; runs p on the output.
+at::Tensor launch(Problem& p, const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
+                  std::optional<double> scale) {
+  const at::Tensor k = unit_last(k_in), v = unit_last(v_in);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (out.numel() == 0) return out;
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.Hkv = k.size(2);
+  p.Sk = k.size(1);
+  p.k_b = k.stride(0), p.k_j = k.stride(1), p.k_h = k.stride(2);
+  p.v_b = v.stride(0), p.v_j = v.stride(1), p.v_h = v.stride(2);
+  p.scale = static_cast<float>(scale.value_or(1.0 / std::sqrt(static_cast<double>(p.D))));
+  p.queries = std::min(p.Sq, std::max<int64_t>(1, kQueryRows / p.group()));
+  p.key_block = std::max<int64_t>(8, kBlockFloats / std::max<int64_t>(p.D, 1));
+  dispatch_float(q.scalar_type(), [&](auto tag) { run<decltype(tag)>(p); });
+  return out;
+}
+
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, bool causal,
+                     std::optional<double> scale, const std::optional<at::Tensor>& kv_start) {
+  constexpr const char* op = "fuselm::attention";
+  check_float(op, "q", q_in);
+  TORCH_CHECK(q_in.dim() == 4, op, ": q must be [B, S, H, D], got shape ", q_in.sizes());
+  check_kv(op, q_in, q_in.size(2), k, v, "k", "v");
+  const at::Tensor q = unit_last(q_in);
+  const std::vector<int64_t> lo = row_values(op, "kv_start", kv_start, q, k.size(1), 0);
+  const std::vector<int64_t> hi(q.size(0), k.size(1));
+  Problem p{};
+  p.q = q.const_data_ptr();
+  p.B = q.size(0), p.Sq = q.size(1), p.Hq = q.size(2), p.D = q.size(3);
+  p.q_b = q.stride(0), p.q_i = q.stride(1), p.q_h = q.stride(2);
+  p.lo = lo.data(), p.hi = hi.data();
+  p.causal = causal;
+  return launch(p, q, k, v, scale);
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& seqlens, std::optional<double> scale,
+                            const std::optional<at::Tensor>& kv_start) {
+  constexpr const char* op = "fuselm::decode_attention";
+  check_float(op, "q", q_in);
+  TORCH_CHECK(q_in.dim() == 3, op, ": q must be [B, H, D], got shape ", q_in.sizes());
+  check_kv(op, q_in, q_in.size(1), k_cache, v_cache, "k_cache", "v_cache");
+  const at::Tensor q = unit_last(q_in);
+  const int64_t smax = k_cache.size(1);
+  const std::vector<int64_t> hi = row_values(op, "seqlens", seqlens, q, smax, 0);
+  const std::vector<int64_t> lo = row_values(op, "kv_start", kv_start, q, smax, 0);
+  Problem p{};  // one query per row: prefill with Sq = 1, keys [kv_start, seqlens)
+  p.q = q.const_data_ptr();
+  p.B = q.size(0), p.Sq = 1, p.Hq = q.size(1), p.D = q.size(2);
+  p.q_b = q.stride(0), p.q_i = 0, p.q_h = q.stride(1);
+  p.lo = lo.data(), p.hi = hi.data();
+  p.causal = false;
+  return launch(p, q, k_cache, v_cache, scale);
+}
+
+}  // namespace
+}  // namespace fuselm
+
+TORCH_LIBRARY_IMPL(fuselm, CPU, m) {
+  m.impl("attention", &fuselm::attention);
+  m.impl("decode_attention", &fuselm::decode_attention);
+}
