@@ -1,4 +1,4 @@
-"""The native backend on the CPU against the torch reference: norms and sampling.
+"""The native backend on the CPU against the torch reference: norms, sampling, attention.
 
 Decides what `auto` should pick on the CPU (the GPU comparisons live in
 bench/norm.py and bench/sampling.py). Each output is checked against
@@ -8,10 +8,21 @@ Norms, M rows of N columns, e = element size:
     bytes = M*N*e * (2 + 2*residual) + N*e * (1 + bias)   (read x [+ residual], weight [+ bias]; write y [+ h])
 Sampling, B rows of V float32 logits:
     bytes = B*V*4   (the logits read once: the least any sampler moves)
+Attention at SmolLM2's sizes (Hq 9, Hkv 3, D 64), e = element size:
+    decode, B rows of L cached keys each (the whole cache visible):
+        bytes = 2*B*L*Hkv*D*e + 2*B*Hq*D*e          (K and V read once; q read, o written)
+        FLOPs = 4*B*Hq*L*D
+    prefill, causal, B rows of S tokens:
+        bytes = 2*B*S*(Hq + Hkv)*D*e                 (q, k, v read once, o written: the least possible)
+        FLOPs = 4*B*Hq*D*S*(S+1)/2                   (the visible (query, key) pairs)
+    baselines: "torch" (the reference: float32 copies of K/V, repeat_interleave for GQA) and "sdpa"
+    (torch.nn.functional.scaled_dot_product_attention, enable_gqa, on [B, H, S, D] views; its causal
+    mask is top-left aligned, the same as bottom-right when Sq == Sk).
 GB/s = bytes / median time; "% copy" = GB/s / measured copy bandwidth;
-"vs torch" = the reference's median time / native's.
+"vs torch" = the reference's median time / native's (and "vs sdpa" likewise).
 
-    python -m bench.native_cpu           # rows 1..512, hidden 576..8192; vocab 128256, batch 1/8/32
+    python -m bench.native_cpu           # rows 1..512, hidden 576..8192; vocab 128256, batch 1/8/32;
+                                         # decode batch 1/16, cache 128..4096; prefill 128..1024
     python -m bench.native_cpu --quick   # tiny sizes, seconds
 """
 import torch
@@ -56,6 +67,50 @@ def sample_case(params, batch, vocab, reps):
     return batch * vocab * 4, times
 
 
+HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2
+
+
+def sdpa(q, k, v, causal):
+    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D] through torch's fused attention."""
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def attention_case(op, dtype, batch, length, reps):
+    """decode: one query per row over `length` cached keys; prefill: `length` tokens, causal."""
+    g = torch.Generator().manual_seed(batch * length)
+    queries = 1 if op == "decode_attention" else length
+    q = torch.randn(batch, queries, HEADS, HEAD_DIM, generator=g).to(dtype)
+    k, v = (torch.randn(batch, length, KV_HEADS, HEAD_DIM, generator=g).to(dtype) for _ in range(2))
+    e = q.element_size()
+    if op == "decode_attention":
+        seqlens = torch.full((batch,), length, dtype=torch.int32)
+        calls = {"torch": lambda: reference.decode_attention(q[:, 0], k, v, seqlens),
+                 "native": lambda: native.decode_attention(q[:, 0], k, v, seqlens),
+                 "sdpa": lambda: sdpa(q, k, v, causal=False)[:, 0]}
+        bytes_moved = 2 * batch * length * KV_HEADS * HEAD_DIM * e + 2 * batch * HEADS * HEAD_DIM * e
+        flops = 4 * batch * HEADS * length * HEAD_DIM
+    else:
+        calls = {"torch": lambda: reference.attention(q, k, v, causal=True),
+                 "native": lambda: native.attention(q, k, v, causal=True),
+                 "sdpa": lambda: sdpa(q, k, v, causal=True)}
+        bytes_moved = 2 * batch * length * (HEADS + KV_HEADS) * HEAD_DIM * e
+        flops = 4 * batch * HEADS * HEAD_DIM * length * (length + 1) // 2
+    expected = calls["torch"]().float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name in ("native", "sdpa"):
+        common.check_close(f"{name} {op}", calls[name](), expected, atol=tol, rtol=tol)
+    # the reference converts the whole cache per call: seconds at batch 16, so one warm-up
+    times = {name: common.timeit(fn, "cpu", reps=reps, warmup=1 if name == "torch" else 3)
+             for name, fn in calls.items()}
+    case = {"op": op, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "length": length}
+    rows = common.bandwidth_rows(case, times, bytes_moved, "cpu", ("torch", "sdpa"))
+    for row in rows:
+        row["GFLOP/s"] = flops / row["median_ms"] / 1e6
+    return rows
+
+
 def table_rows(case, bytes_moved, times, copy):
     rows = []
     for name in ("torch", "native"):
@@ -71,9 +126,11 @@ def main(argv=None):
     args.device = "cpu"  # this benchmark is about the CPU path
     if args.quick:
         rows_list, hiddens, dtypes, batches, vocab = (1, 8), (96, 576), (torch.float32,), (1, 4), 4096
+        decode_batches, cache_lengths, prompt_lengths = (1, 4), (128,), (64,)
     else:
         rows_list, hiddens, dtypes, batches, vocab = (1, 16, 512), (576, 2048, 8192), \
             (torch.float32, torch.bfloat16), (1, 8, 32), 128256
+        decode_batches, cache_lengths, prompt_lengths = (1, 16), (128, 512, 1024, 4096), (128, 512, 1024)
     native.build()
     copy = common.copy_bandwidth("cpu")
     print(f"{common.device_name('cpu')}: {torch.get_num_threads()} threads, copy bandwidth {copy:.1f} GB/s")
@@ -96,13 +153,24 @@ def main(argv=None):
     print()
     common.print_table(samples, ["params", "batch", "vocab", "provider", "median_ms", "p20_ms", "p80_ms", "GB/s",
                                  "% copy", "vs torch"])
-    ratios = {op: [r["vs torch"] for r in norms + samples if r["op"] == op and r["provider"] == "native"]
-              for op in ("rms_norm", "layer_norm", "sample")}
+    attention = []
+    for dtype in dtypes:
+        for batch in decode_batches:
+            for length in cache_lengths:
+                attention += attention_case("decode_attention", dtype, batch, length, args.reps)
+        for length in prompt_lengths:
+            attention += attention_case("attention", dtype, 1, length, args.reps)
+    print()
+    common.print_table(attention, ["op", "dtype", "batch", "length", "provider", "median_ms", "p20_ms", "p80_ms",
+                                   "GB/s", "% copy", "GFLOP/s", "vs torch", "vs sdpa"])
+    rows = norms + samples + attention
+    ratios = {op: [r["vs torch"] for r in rows if r["op"] == op and r["provider"] == "native"]
+              for op in ("rms_norm", "layer_norm", "sample", "decode_attention", "attention")}
     for op, rs in ratios.items():
         print(f"native vs torch, {op}: min x{min(rs):.2f}, max x{max(rs):.2f} over {len(rs)} cases")
-    path = common.save("native_cpu", args, norms + samples, extra={"threads": torch.get_num_threads()})
+    path = common.save("native_cpu", args, rows, extra={"threads": torch.get_num_threads()})
     print(f"saved {path}")
-    return norms + samples
+    return rows
 
 
 if __name__ == "__main__":
