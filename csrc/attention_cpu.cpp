@@ -7,8 +7,8 @@
 //   decode:  the same with one query (Sq = 1) and hi = seqlens[b] (clamped to [0, Smax]), no causal limit
 // Keys outside [lo, hi) are never read: before kv_start and past seqlens they may hold anything (NaN).
 //
-// Online softmax (one function for both ops, `update`): keys arrive in blocks of kKeyBlock; per
-// row a running max m, sum l and a float32 accumulator acc [D]:
+// Online softmax (one function for both ops, `update`): keys arrive in blocks of 4096 / D (16 KiB
+// of float32 K, the same of V); per row a running max m, sum l and a float32 accumulator acc [D]:
 //   m' = max(m, max_j s_j)   acc = acc * e^(m - m') + sum_j e^(s_j - m') v_j   l likewise   o = acc / l
 // A block whose scores are all -inf is shifted by 0 instead of -inf, so its keys weigh exactly 0
 // (as in softmax) rather than NaN; a row that saw keys but only -inf scores is NaN, as softmax.
@@ -18,6 +18,7 @@
 // heads of the group) share every K/V row, converted to float32 once per task, so decode reads each
 // cached K/V row once for the whole query-head group and prefill reuses it from cache for ~64 rows.
 // Tasks go to the threads of at::parallel_for on demand (causal query blocks differ in cost).
+// Any strides are read in place, except a non-unit head-dim stride: that tensor is copied first.
 //
 // Bytes (e = element size of the inputs):
 //   decode:  2 * Hkv * D * e * sum_b (seqlens[b] - kv_start[b])   (the visible cache, once)
