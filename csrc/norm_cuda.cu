@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "norm_ops.h"
 #include "cuda_glue.h"
 #include "norm.cuh"
 
@@ -57,32 +58,7 @@ std::tuple<at::Tensor, at::Tensor> norm(const char* op, bool rms, const at::Tens
   return {y, h};
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  return std::get<0>(norm("fuselm::rms_norm", true, x, std::nullopt, weight, std::nullopt, eps));
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_residual(const at::Tensor& x, const at::Tensor& residual,
-                                                     const at::Tensor& weight, double eps) {
-  return norm("fuselm::rms_norm", true, x, residual, weight, std::nullopt, eps);
-}
-
-at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      double eps) {
-  return std::get<0>(norm("fuselm::layer_norm", false, x, std::nullopt, weight, bias, eps));
-}
-
-std::tuple<at::Tensor, at::Tensor> layer_norm_residual(const at::Tensor& x, const at::Tensor& residual,
-                                                       const at::Tensor& weight,
-                                                       const std::optional<at::Tensor>& bias, double eps) {
-  return norm("fuselm::layer_norm", false, x, residual, weight, bias, eps);
-}
-
 }  // namespace
 }  // namespace fuselm
 
-TORCH_LIBRARY_IMPL(fuselm, CUDA, m) {
-  m.impl("rms_norm", &fuselm::rms_norm);
-  m.impl("rms_norm.residual", &fuselm::rms_norm_residual);
-  m.impl("layer_norm", &fuselm::layer_norm);
-  m.impl("layer_norm.residual", &fuselm::layer_norm_residual);
-}
+TORCH_LIBRARY_IMPL(fuselm, CUDA, m) { fuselm::register_norms<fuselm::norm>(m); }
