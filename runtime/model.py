@@ -63,19 +63,8 @@ def backends_for(backend, device):
     return {op: borrowed.get(op, backend) for op in OPS}
 
 
-def cpu_has_fast_bf16():
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX): then bf16 halves the
-    bytes each decode step reads at no cost in speed."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def default_dtype(device):
-    if device.type == "cuda" or cpu_has_fast_bf16():
+    if device.type == "cuda" or ops.cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
 

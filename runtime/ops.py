@@ -12,6 +12,7 @@ per device from `_AUTO`. The backend that actually runs is logged once per
 Checks that would need a host sync (values inside CUDA tensors) are skipped
 so the decode step stays capturable in a CUDA graph.
 """
+import functools
 import importlib
 import logging
 import os
@@ -46,7 +47,8 @@ _CPU_ONLY = {"native": ("linear", "attention", "decode_attention")}
 # "auto": the backend each op uses on each device type. CPU: Triton only runs there under its
 # interpreter (~1000x slower); native measured faster than torch for every op (bench/native_cpu.py,
 # bench/native_linear.py: GEMV 1.7-2.4x F.linear at decode sizes, decode attention 9-50x and prefill
-# attention 1.4-2.9x the reference) and is used where it can be built, torch otherwise (with a warning).
+# attention 1.4-2.9x the reference) and is used where it can be built, torch otherwise (with a warning),
+# except bf16 matmuls of more than one row (_gemm_beats_gemv).
 # CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
 _AUTO = {
     "cpu": dict.fromkeys(("linear", "rms_norm", "layer_norm", "attention", "decode_attention", "sample"),
@@ -171,6 +173,24 @@ def _check_norm_args(x, weight, bias, eps, residual):
 
 # ---------------------------------------------------------------- ops
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16():
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX): then bf16 halves the
+    bytes each decode step reads at no cost in speed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _gemm_beats_gemv(x):
+    """auto's one shape rule. Where the CPU multiplies bf16 natively, oneDNN's bf16 GEMM beats the
+    native GEMV from two rows of x on (bench/native_linear.py: 0.6-1.0x at 2..16 rows, 1.5x at one)."""
+    return x.dtype == torch.bfloat16 and x.numel() > x.shape[-1] and cpu_has_fast_bf16()
+
+
 def linear(x, weight, bias=None, backend=None):
     """x @ weight.T (+ bias): x [..., K], weight [N, K], bias [N] -> [..., N] (native: CPU GEMV for decode)."""
     _check_float("x", x)
@@ -180,6 +200,8 @@ def linear(x, weight, bias=None, backend=None):
     if bias is not None:
         _check_same("bias", bias, "weight", weight, shape=False)
         _check(bias.shape == (weight.shape[0],), f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if check_backend_name(backend or get_backend()) == "auto" and x.device.type == "cpu" and _gemm_beats_gemv(x):
+        backend = "torch"
     return implementation("linear", backend, x.device)(x, weight, bias)
 
 
