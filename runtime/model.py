@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from . import ops, rope
+from . import memory, ops, rope
 from .cache import KVCache
 from .weights import open_checkpoint
 
@@ -263,25 +263,9 @@ def load_weights(ckpt, dtype, device, progress=True):
                              f"({c.arch}, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads}) "
                              f"needs {shapes[name]}")
         weights[name] = slots[name].copy_(t)
-        del t, tensors  # free the staging copy before the next tensor is read
+        del t, tensors  # free the staging copies before the next tensor is read
+        memory.return_free_heap()
     return weights
-
-
-def _ask_for_huge_pages(t):
-    """Back a big CPU tensor with transparent huge pages where the kernel allows it (Linux, THP in
-    "madvise" or "always" mode), before its pages are first written. Decode streams every weight per
-    token: 2 MiB pages spare the TLB misses of 4 KiB ones (native GEMV, one thread: 16.5 -> 29.9 GB/s)."""
-    import ctypes
-    page, huge = 4096, 2 << 20
-    start = -(-t.data_ptr() // page) * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    if end - start < huge:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # 14: MADV_HUGEPAGE
-    except (OSError, AttributeError):  # not Linux/glibc: ordinary pages, nothing lost but speed
-        return
 
 
 _ALIGN = 64  # bytes: every weight starts on a cache line (the native GEMV and 16-byte vector loads rely on it)
@@ -298,7 +282,7 @@ def _slots(shapes, dtype, device):
         total += -(-math.prod(shape) // align) * align
     flat = torch.empty(total, dtype=dtype, device=device)
     if flat.device.type == "cpu":
-        _ask_for_huge_pages(flat)
+        memory.ask_for_huge_pages(flat)
     return {name: flat[o:o + math.prod(shapes[name])].view(shapes[name]) for name, o in offsets.items()}
 
 

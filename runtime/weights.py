@@ -237,7 +237,7 @@ class GGUFCheckpoint(Checkpoint):
     """A GGUF file: metadata -> config and tokenizer, tensors dequantized one at a time."""
 
     def __init__(self, path, reader=None):
-        """`reader`: an already open GGUFFile of `path`."""
+        """`reader`: an already open GGUFFile of `path`; tokenizer() drops its vocabulary arrays."""
         from .gguf_file import GGUFFile
 
         self.path = Path(path)
@@ -250,6 +250,7 @@ class GGUFCheckpoint(Checkpoint):
         # llama.cpp permutes Q/K rows only for the "llama" architecture; qwen2 uses the HF layout
         self._permuted = gguf_value(self.reader, "general.architecture") == "llama"
         self._index = {}  # hf name -> (GGUFTensor, block part)
+        self._built_tokenizer = None
         unknown = []
         for t in self.reader.tensors:
             mapped = _hf_name(t.name, self._arch)
@@ -303,8 +304,15 @@ class GGUFCheckpoint(Checkpoint):
         return out
 
     def _tokenizer(self):
+        """Built once: the vocabulary arrays (~100k Python strings) are then dropped from the metadata,
+        so they are not resident while the weights load."""
         from .tokenizer import Tokenizer
-        return Tokenizer.from_gguf(self.reader)
+        if self._built_tokenizer is None:
+            self._built_tokenizer = Tokenizer.from_gguf(self.reader)
+            for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                        "tokenizer.ggml.scores"):
+                self.reader.metadata.pop(key, None)
+        return self._built_tokenizer
 
 
 def _unpermute(x, n_head):
