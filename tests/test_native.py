@@ -4,7 +4,8 @@ reference are the shared property tests in test_norm.py and test_sampling.py.
 - The extension builds (here: CPU) and every op passes torch.library.opcheck
   (schema, fake tensors, torch.compile's AOT dispatch, dynamic shapes).
 - Every CUDA header compiles with nvcc for sm_80 and sm_90a (skipped only
-  without nvcc), kernels instantiated for each dtype.
+  without nvcc), kernels instantiated for each dtype; the torch glue of the CUDA
+  ops (CUDA_SOURCES) compiles against torch's headers for sm_90a.
 - The CUDA kernels run on the CPU under csrc/emulator (fibers for threads):
   the norms match the reference, and the sampler draws the very tokens the CPU
   sampler draws for the same seed (both use Philox(seed, row) and the same
@@ -140,6 +141,24 @@ def test_cuda_headers_compile(arch, tmp_path):
            "all-warnings", str(unit), "-o", str(tmp_path / "check.o")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"nvcc failed for {arch}:\n{out.stderr[-4000:]}"
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (no CUDA toolkit): CUDA glue not compile-checked")
+@pytest.mark.parametrize("source", native.CUDA_SOURCES)
+def test_cuda_glue_compiles_against_torch_headers(source, tmp_path):
+    """The torch glue of the CUDA ops (checks, stream, dispatch, registration) never runs without a GPU:
+    compile it as the extension build would (host and device code, one target). CPU builds of torch
+    ship c10/cuda without the header its CMake generates; a stand-in declares its one macro."""
+    from torch.utils import cpp_extension
+    generated = tmp_path / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    generated.parent.mkdir(parents=True)
+    generated.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{tmp_path / 'include'}", f"-I{CSRC}"]
+    cmd = [_nvcc(), "-c", "-std=c++17", *includes, "-gencode=arch=compute_90a,code=sm_90a",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", str(CSRC / source),
+           "-o", str(tmp_path / "glue.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"nvcc failed for {source}:\n{out.stderr[-4000:]}"
 
 
 # ---------------------------------------------------------------- CUDA kernels, emulated
