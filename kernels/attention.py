@@ -210,12 +210,6 @@ FP32_TILES = {
     90: {64: (16, 16, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
     80: {64: (16, 16, 4, 2), 128: (32, 16, 4, 2), 256: (32, 16, 8, 2)},
 }
-# Head dims padded up to a power of two (80 and 96 -> 128) mask their extra columns, which keeps
-# more values live: triton 3.6 spills on most of the tiles above there (3.9 on none), so padded
-# head dims get tiles that spill on neither (compiled with both for sm_80 and sm_90).
-PADDED_TILES = {90: {128: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2)]},
-                80: {128: [(32, 16, 4, 2)]}}
-PADDED_FP32_TILES = {90: {128: (16, 16, 8, 2)}, 80: {128: (16, 16, 8, 2)}}
 
 
 def _family():
@@ -224,37 +218,27 @@ def _family():
     return 90 if 90 <= arch < 120 else 80
 
 
-def _table(tables, padded_tables, family, block_d, head_d):
-    """The entry of `tables` for this family and head dim; padded head dims take `padded_tables`'s
-    where it has one."""
-    padded = padded_tables.get(family, {})
-    if head_d != block_d and block_d in padded:
-        return padded[block_d]
-    table = tables[family]
-    return table[min(t for t in table if t >= block_d)]
-
-
-def _tiles_for(family, block_d, head_d, kv_start=False):
+def _tiles_for(family, block_d, kv_start=False):
     padded_d = min(t for t in TILES[family] if t >= block_d)
     skip = KV_START_SPILLS.get(family, {}).get(padded_d, set()) if kv_start else set()
-    return [t for t in _table(TILES, PADDED_TILES, family, block_d, head_d) if t not in skip]
+    return [t for t in TILES[family][padded_d] if t not in skip]
 
 
 def _configs():
-    shapes = {t for tables in (TILES, PADDED_TILES) for family in tables.values() for tiles in family.values()
-              for t in tiles}
-    shapes |= {t for tables in (FP32_TILES, PADDED_FP32_TILES) for family in tables.values() for t in family.values()}
+    shapes = {t for family in TILES.values() for tiles in family.values() for t in tiles}
+    shapes |= {t for family in FP32_TILES.values() for t in family.values()}
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in sorted(shapes)]
 
 
 def _prune(configs, named_args, **kwargs):
     """The tiles of this GPU, head dim and variant (BLOCK_M no taller than the rows need), or the fp32 tile."""
     args = {**named_args, **kwargs}
-    family, block_d, head_d = args["family"], args["BLOCK_D"], args["HEAD_D"]
+    family = args["family"]
     if args["DOT_PRECISION"] == "ieee":
-        wanted = [_table(FP32_TILES, PADDED_FP32_TILES, family, block_d, head_d)]
+        fp32 = FP32_TILES[family]
+        wanted = [fp32[min(t for t in fp32 if t >= args["BLOCK_D"])]]
     else:
-        tiles = _tiles_for(family, block_d, head_d, args["HAS_KV_START"])
+        tiles = _tiles_for(family, args["BLOCK_D"], args["HAS_KV_START"])
         short = [t for t in tiles if t[0] <= max(args["rows_bucket"], 32)]
         wanted = short or [min(tiles)]
     return [c for c in configs
