@@ -45,17 +45,7 @@
 #include "checks.h"
 #include "cpu_vec.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONES
-#endif
-// The loops must inline into each clone to be compiled for its vector width.
-#if defined(__GNUC__)
-#define ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define ALWAYS_INLINE inline
-#endif
+#include "cpu_clones.h"
 
 namespace fuselm {
 namespace {

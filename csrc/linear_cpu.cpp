@@ -50,19 +50,9 @@
 
 #include "checks.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FUSELM_X86 1
+#include "cpu_clones.h"
+#ifdef FUSELM_X86
 #include <immintrin.h>
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONES
-#endif
-// The generic loops and the portable kernel must inline into each clone (and into the AVX-512
-// entry points) to be compiled for its ISA.
-#if defined(__GNUC__)
-#define ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define ALWAYS_INLINE inline
 #endif
 
 namespace fuselm {
