@@ -71,6 +71,13 @@ struct Row {
   float m;  // max of l / t
   __device__ __forceinline__ float scaled(int64_t i) const { return to_float(l[i]) / t; }
   __device__ __forceinline__ float mass(float lt) const { return expf(lt - m); }
+  // The mass of token i if it is inside the row and survives top-k/top-p (its order key) and min-p, else 0.
+  __device__ __forceinline__ float kept_mass(int64_t i, int64_t end, uint32_t min_key, float min_p) const {
+    if (i >= end) return 0.f;
+    const float lt = scaled(i);
+    const float e = mass(lt);
+    return order_key(lt) < min_key || e < min_p ? 0.f : e;
+  }
 };
 
 // Find, from the top bin down, the bin b where `above + sum(hist[> b]) < target <=
@@ -249,13 +256,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sample_kernel(SampleArgs a)
   float run = 0.f;
   int64_t last = -1;
   for (int64_t base = begin; base < end; base += kWarp) {
-    const int64_t i = base + lane;
-    float e = 0.f;
-    if (i < end) {
-      const float lt = r.scaled(i);
-      e = r.mass(lt);
-      if (order_key(lt) < min_key || e < min_p) e = 0.f;
-    }
+    const float e = r.kept_mass(base + lane, end, min_key, min_p);
     const float incl = warp_inclusive_scan(e);
     run += __shfl_sync(kFullMask, incl, kWarp - 1);
     const unsigned kept = __ballot_sync(kFullMask, e > 0.f);
@@ -292,13 +293,7 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sample_kernel(SampleArgs a)
   const float target = s_target;
   run = s_start;
   for (int64_t base = begin; base < end; base += kWarp) {
-    const int64_t i = base + lane;
-    float e = 0.f;
-    if (i < end) {
-      const float lt = r.scaled(i);
-      e = r.mass(lt);
-      if (order_key(lt) < min_key || e < min_p) e = 0.f;
-    }
+    const float e = r.kept_mass(base + lane, end, min_key, min_p);
     const float incl = warp_inclusive_scan(e);
     const unsigned passed = __ballot_sync(kFullMask, e > 0.f && run + incl > target);
     if (passed) {
