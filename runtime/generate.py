@@ -1,9 +1,9 @@
-"""The generation loop: prefill each prompt into its cache row, then batched one-token decode steps.
+"""The generation loop: one batched prefill of all prompts, then batched one-token decode steps.
 
-Prompts of different lengths need no padding: each is prefilled into its own
-row of a static KV cache, and decode steps attend over per-row lengths. The
-only host sync per step is reading the new token ids, which EOS, stop strings
-and streaming need. Finished rows keep stepping (static shapes) but their
+Prompts of different lengths are right-padded into one prefill (Transformer.prefill
+says why no mask is needed); each fills its own row of a static KV cache, and
+decode steps attend over per-row lengths. The only host sync per step is reading
+the new token ids, which EOS, stop strings and streaming need. Finished rows keep stepping (static shapes) but their
 tokens are dropped.
 """
 import logging
