@@ -201,21 +201,28 @@ AttentionMaskInterface.register(NAME, fuselm_mask)
 @dataclass
 class _Patch:
     attn_implementation: str
-    norms: list        # (module, its instance-level forward before patching, or None)
+    forwards: list     # (norm or linear module, its instance-level forward before patching, or None)
     attention: list    # attention modules given a _fuselm_backend
 
 
-def _norm_forward(kind, original, backend):
-    """A forward for one norm instance: fuselm's op, or the original one while autograd records."""
-    def forward(self, hidden_states):
-        if torch.is_grad_enabled() and hidden_states.requires_grad:
+def _inference_forward(original, fused):
+    """A forward for one module instance: fused(self, x), or the original one while autograd records
+    (fuselm's kernels have no backward) or for inputs fused does not take (another dtype than the weight)."""
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
             _say_once(logging.WARNING, "autograd is recording and fuselm kernels are inference-only "
-                                       "(use torch.no_grad()); norms run their transformers forward")
-            return original(hidden_states)
-        if kind == "rms":
-            return ops.rms_norm(hidden_states, self.weight, eps=self.variance_epsilon, backend=backend)
-        return ops.layer_norm(hidden_states, self.weight, self.bias, eps=self.eps, backend=backend)
+                                       "(use torch.no_grad()); norms and linears run their transformers forward")
+            return original(x)
+        if x.dtype != self.weight.dtype and isinstance(self, nn.Linear):
+            return original(x)
+        return fused(self, x)
     return forward
+
+
+def _norm_op(kind, backend):
+    if kind == "rms":
+        return lambda self, x: ops.rms_norm(x, self.weight, eps=self.variance_epsilon, backend=backend)
+    return lambda self, x: ops.layer_norm(x, self.weight, self.bias, eps=self.eps, backend=backend)
 
 
 def _norm_kind(module, names):
@@ -236,7 +243,8 @@ def _set_attn_implementation(model, name):
 
 
 def apply(model, backend=None):
-    """Route `model`'s attention and norms through fuselm kernels, in place; returns the model.
+    """Route `model`'s attention and norms through fuselm kernels, in place; returns the model. On the
+    CPU, where the linear backend resolves to native, its nn.Linear layers run fuselm's GEMV too.
 
     backend: "triton", "native", "torch", "auto" or None (fuselm's default). Supported model
     types: llama (SmolLM2), mistral, qwen2, gpt2; others raise ValueError untouched.
@@ -258,33 +266,42 @@ def apply(model, backend=None):
         raise ValueError(f"found no {'/'.join(attention_names)} module in {type(model).__name__}; "
                          "the model was left untouched")
 
+    # matmuls: only where they would run native's CPU GEMV (decode-sized rows); elsewhere torch's own
+    # nn.Linear already is the fastest path fuselm has
+    fused = {m: _norm_op(kind, backend) for _, m, kind in norms if kind is not None}
+    if ops.resolve("linear", backend, device) == "native":
+        fused.update({m: lambda self, x: ops.linear(x, self.weight, self.bias, backend=backend)
+                      for _, m in modules if type(m) is nn.Linear})
     patch = _Patch(model.config._attn_implementation, [], attention)
     _set_attn_implementation(model, NAME)
     for m in attention:
         m._fuselm_backend = backend
-    replaced, left = {}, {}
-    for name, m, kind in norms:
-        if kind is None:
-            if "norm" in type(m).__name__.lower():
-                left[type(m).__name__] = left.get(type(m).__name__, 0) + 1
-            continue
-        patch.norms.append((m, m.__dict__.get("forward")))
-        m.forward = types.MethodType(_norm_forward(kind, m.forward, backend), m)
-        replaced[type(m).__name__] = replaced.get(type(m).__name__, 0) + 1
+    for m, op in fused.items():
+        patch.forwards.append((m, m.__dict__.get("forward")))
+        m.forward = types.MethodType(_inference_forward(m.forward, op), m)
+    replaced = _count(type(m).__name__ for m in fused)
+    left = _count(type(m).__name__ for _, m, kind in norms if kind is None and "norm" in type(m).__name__.lower())
     model._fuselm_patch = patch
-    log.info("fuselm.hf: %s: attention -> %r (%d %s), norms replaced: %s; left alone: %s; backend %s",
-             type(model).__name__, NAME, len(attention), "/".join(attention_names),
-             ", ".join(f"{n} x{c}" for n, c in replaced.items()) or "none",
-             ", ".join(f"{n} x{c}" for n, c in left.items()) or "none", backend or "default")
+    log.info("fuselm.hf: %s: attention -> %r (%d %s), norms and linears replaced: %s; left alone: %s; backend %s",
+             type(model).__name__, NAME, len(attention), "/".join(attention_names), replaced or "none",
+             left or "none", backend or "default")
     return model
 
 
+def _count(names):
+    """'A x2, B x1' for the names in first-seen order."""
+    counts = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return ", ".join(f"{n} x{c}" for n, c in counts.items())
+
+
 def revert(model):
-    """Undo `apply` exactly: attention implementation, norm forwards, attention tags. Returns the model."""
+    """Undo `apply` exactly: attention implementation, norm and linear forwards, attention tags. Returns the model."""
     patch = getattr(model, "_fuselm_patch", None)
     if patch is None:
         raise ValueError(f"{type(model).__name__} was not patched by fuselm.hf.apply")
-    for m, forward in patch.norms:
+    for m, forward in patch.forwards:
         if forward is None:
             del m.forward
         else:
@@ -293,7 +310,7 @@ def revert(model):
         del m._fuselm_backend
     _set_attn_implementation(model, patch.attn_implementation)
     del model._fuselm_patch
-    log.info("fuselm.hf: %s reverted to attn_implementation=%r and its own norms",
+    log.info("fuselm.hf: %s reverted to attn_implementation=%r and its own norms and linears",
              type(model).__name__, patch.attn_implementation)
     return model
 

@@ -21,6 +21,8 @@ import fuselm.hf as hf  # noqa: E402  (after the optional transformers import)
 
 CASES = [("llama", "torch"), ("qwen2", "torch"), ("mistral", "torch"), ("gpt2", "torch"),
          ("llama", "triton"), ("gpt2", "triton")]
+if DEVICE.type == "cpu":  # native's attention and GEMV are CPU-only
+    CASES += [("llama", "native"), ("gpt2", "native")]
 NEW_TOKENS = 5
 
 
@@ -46,14 +48,14 @@ def saved(tmp_path_factory):
 @pytest.fixture
 def spy(monkeypatch):
     """Counts calls of the fuselm ops and of transformers' sdpa fallback inside fuselm.hf."""
-    calls = dict.fromkeys(("attention", "decode_attention", "rms_norm", "layer_norm", "sample", "sdpa"), 0)
+    calls = dict.fromkeys(("attention", "decode_attention", "rms_norm", "layer_norm", "sample", "linear", "sdpa"), 0)
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
         return wrapper
-    for name in ("attention", "decode_attention", "rms_norm", "layer_norm", "sample"):
+    for name in ("attention", "decode_attention", "rms_norm", "layer_norm", "sample", "linear"):
         monkeypatch.setattr(ops, name, counted(name, getattr(ops, name)))
     monkeypatch.setattr(hf, "sdpa_attention_forward", counted("sdpa", hf.sdpa_attention_forward))
     return calls
@@ -131,6 +133,8 @@ def test_patched_model_matches_transformers(saved, spy, arch, backend):
     assert spy["sdpa"] == 0, "a call fell back to transformers' sdpa"
     assert spy["attention"] > 0 and spy["decode_attention"] > 0
     assert spy["layer_norm" if arch == "gpt2" else "rms_norm"] > 0
+    # nn.Linear layers (GPT-2: its lm_head; its Conv1D stay) run fuselm's GEMV where linear resolves to native
+    assert (spy["linear"] > 0) == (ops.resolve("linear", backend, DEVICE) == "native")
     hf.revert(model)
     assert patch_state(model) == before
     with torch.no_grad():
