@@ -205,16 +205,23 @@ class _Patch:
     attention: list    # attention modules given a _fuselm_backend
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _inference_forward(original, fused):
-    """A forward for one module instance: fused(self, x), or the original one while autograd records
-    (fuselm's kernels have no backward) or for inputs fused does not take (another dtype than the weight)."""
-    def forward(self, x):
-        if torch.is_grad_enabled() and x.requires_grad:
+    """A forward for one module instance: fused(self, x), or the original one where fuselm's kernels do
+    not apply: autograd recording through the input or the module's own weights (the kernels have no
+    backward; LoRA and linear probes train weights on inputs that need no grad), or an input the
+    kernels do not take (float64, or another dtype than a linear's weight). Takes the input by
+    position or by the module's own keyword (`hidden_states`, `input`)."""
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters(False))):
             _say_once(logging.WARNING, "autograd is recording and fuselm kernels are inference-only "
                                        "(use torch.no_grad()); norms and linears run their transformers forward")
-            return original(x)
-        if x.dtype != self.weight.dtype and isinstance(self, nn.Linear):
-            return original(x)
+            return original(*args, **kwargs)
+        if x.dtype not in _KERNEL_DTYPES or (isinstance(self, nn.Linear) and x.dtype != self.weight.dtype):
+            return original(*args, **kwargs)
         return fused(self, x)
     return forward
 

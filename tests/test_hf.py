@@ -141,6 +141,24 @@ def test_patched_model_matches_transformers(saved, spy, arch, backend):
         assert torch.equal(model(ids, attention_mask=mask).logits, expected["logits"])
 
 
+def test_trainable_weights_keep_their_gradients(saved):
+    """LoRA-style training: frozen inputs, one trainable layer. fuselm's kernels have no backward, so
+    the patched modules must run their own forward there, and the gradient is transformers'."""
+    model = load(saved("llama"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    ids, mask = prompts(model.config.vocab_size)
+    grads = []
+    for patched in (False, True):
+        if patched:
+            hf.apply(model)
+        model.lm_head.weight.grad = None
+        model(ids, attention_mask=mask).logits.float().square().mean().backward()
+        grads.append(model.lm_head.weight.grad)
+    assert grads[1] is not None and rel_err(grads[1], grads[0]) < 1e-4
+
+
 def test_attn_implementation_fuselm_from_pretrained(saved, spy):
     path = saved("llama")
     model, ours = load(path), load(path, attn_implementation="fuselm")
