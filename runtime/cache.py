@@ -23,10 +23,10 @@ class KVCache:
         """Bytes one cached token costs over all layers (K and V)."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def write_prefill(self, layer, k, v):
-        """Store k/v [B, S, Hkv, D] of a prefill at positions 0..S-1 of every row."""
-        self.k[layer, :, :k.shape[1]] = k
-        self.v[layer, :, :v.shape[1]] = v
+    def write_prefill(self, layer, rows, k, v):
+        """Store k/v [n, S, Hkv, D] of a prefill at positions 0..S-1 of cache rows `rows` [n]."""
+        self.k[layer, rows, :k.shape[1]] = k
+        self.v[layer, rows, :v.shape[1]] = v
 
     def write_decode(self, layer, k, v):
         """Store one new k/v [B, Hkv, D] per row at position seqlens[b]; return the layer's caches."""

@@ -1,6 +1,6 @@
 """The generation loop: one batched prefill of all prompts, then batched one-token decode steps.
 
-Prompts of different lengths are right-padded into one prefill (Transformer.prefill
+Prompts of similar lengths are right-padded into one prefill (Transformer.prefill
 says why no mask is needed); each fills its own row of a static KV cache, and
 decode steps attend over per-row lengths. The only host sync per step is reading
 the new token ids, which EOS, stop strings and streaming need. Finished rows keep stepping (static shapes) but their
@@ -56,6 +56,18 @@ def _picker(model, temperature, top_k, top_p, min_p, seed):
                                      backend=model.net.backends["sample"])
 
 
+def _prefill_groups(lengths):
+    """Rows prefilled together: longest first, a row joins the current group while it is at least half
+    as long as the group's first, so right padding at most doubles a group's work."""
+    groups = []
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        if groups and 2 * lengths[row] >= lengths[groups[-1][0]]:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
 def generate_tokens(model, prompt_ids, max_new_tokens, pick, stats):
     """Yield the next token of every row (a list of ints), step by step, for at most max_new_tokens
     steps; the caller stops iterating when it has what it needs."""
@@ -63,11 +75,14 @@ def generate_tokens(model, prompt_ids, max_new_tokens, pick, stats):
     with torch.inference_mode():
         cache = net.new_cache(len(prompt_ids), max(map(len, prompt_ids)) + max_new_tokens)
         t0 = time.perf_counter()
-        lengths = torch.tensor([len(ids) for ids in prompt_ids], dtype=torch.int32)
-        padded = torch.zeros(len(prompt_ids), int(lengths.max()), dtype=torch.long)  # right padding: id 0
-        for row, ids in enumerate(prompt_ids):
-            padded[row, :len(ids)] = torch.tensor(ids)
-        logits = net.prefill(padded.to(device), lengths.to(device), cache)
+        logits = torch.empty(len(prompt_ids), model.config.vocab_size, device=device)
+        for rows in _prefill_groups([len(ids) for ids in prompt_ids]):
+            lengths = torch.tensor([len(prompt_ids[r]) for r in rows], dtype=torch.int32)
+            padded = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)  # right padding: id 0
+            for i, r in enumerate(rows):
+                padded[i, :lengths[i]] = torch.tensor(prompt_ids[r])
+            index = torch.tensor(rows, device=device)
+            logits[index] = net.prefill(padded.to(device), lengths.to(device), cache, index)
         tokens = pick(logits)
         out = tokens.tolist()
         stats.prefill_seconds = time.perf_counter() - t0

@@ -145,21 +145,21 @@ class Transformer:
         attend = lambda i, q, k, v: ops.attention(q, k, v, causal=True, backend=self.backends["attention"])  # noqa: E731
         return self._lm_head(self._blocks(tokens, positions, attend))
 
-    def prefill(self, tokens, lengths, cache):
-        """Prompts tokens [B, S], right-padded, row b holding lengths[b] (a [B] tensor) real tokens, into an
-        empty cache -> float32 logits [B, V] of each row's last real token. Padding needs no mask: it
-        comes after every real token of its row, so causal attention never shows it to them, and the
-        decode steps overwrite its cache slots (they write at seqlens = lengths)."""
-        B, S = tokens.shape
-        positions = torch.arange(S, device=tokens.device).expand(B, S)
+    def prefill(self, tokens, lengths, cache, rows):
+        """Prompts tokens [n, S], right-padded, prompt i holding lengths[i] real tokens, into the empty
+        cache rows `rows` ([n] tensors) -> float32 logits [n, V] of each prompt's last real token.
+        Padding needs no mask: it comes after every real token of its row, so causal attention never
+        shows it to them, and the decode steps overwrite its cache slots (they write at seqlens = lengths)."""
+        n, S = tokens.shape
+        positions = torch.arange(S, device=tokens.device).expand(n, S)
 
         def attend(i, q, k, v):
-            cache.write_prefill(i, k, v)
+            cache.write_prefill(i, rows, k, v)
             return ops.attention(q, k, v, causal=True, backend=self.backends["attention"])
 
-        h = self._blocks(tokens, positions, attend)                          # [B, S, hidden]
-        cache.seqlens.copy_(lengths)
-        return self._lm_head(h[torch.arange(B, device=h.device), lengths.long() - 1])
+        h = self._blocks(tokens, positions, attend)                          # [n, S, hidden]
+        cache.seqlens[rows] = lengths
+        return self._lm_head(h[torch.arange(n, device=h.device), lengths.long() - 1])
 
     def decode(self, tokens, cache):
         """One step: tokens [B] at positions cache.seqlens -> float32 logits [B, V].

@@ -97,6 +97,15 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny):
     assert together == [ours.generate(p, max_new_tokens=12) for p in prompts]
 
 
+def test_prefill_groups_bound_the_padding():
+    from fuselm.generate import _prefill_groups
+    lengths = [5, 2000, 7, 1, 1000, 1100, 3, 6]
+    groups = _prefill_groups(lengths)
+    assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
+    assert all(2 * min(lengths[r] for r in g) >= max(lengths[r] for r in g) for g in groups)
+    assert groups[0] == [1, 5, 4]  # the long prompts together, the short ones apart
+
+
 @pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_kernel_backends_give_the_torch_tokens(tmp_path, arch, backend):
