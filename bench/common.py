@@ -67,6 +67,19 @@ def implementations(backend, op_names, device, quick, notes):
         return None
 
 
+def run_or_drop(fns, name, call, notes, what=""):
+    """call() for provider `name`. The native extension may fail to build or run on a machine: then
+    the failure is noted, `name` leaves fns and None is returned; any other provider's error is raised."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - an extension that fails to build is reported, not fatal
+        if name != "native":
+            raise
+        notes.append(f"native: {what}failed to run ({type(e).__name__}: {e})")
+        del fns[name]
+        return None
+
+
 def timeit(fn, device, reps=None, warmup=3):
     """Run fn() repeatedly; return {"median_ms", "p20_ms", "p80_ms"}."""
     device = torch.device(device)

@@ -60,13 +60,8 @@ def run_case(op, fns, rows, hidden, residual, device, reps, notes):
             fn = torch.compile(getattr(reference, op))
         else:
             fn = impl[op]
-        try:
-            out = fn(*args, eps=EPS, residual=r)
-        except Exception as e:  # noqa: BLE001 - an extension that fails to build is reported, not fatal
-            if name != "native":
-                raise
-            notes.append(f"native: {op} failed to run ({type(e).__name__}: {e})")
-            del fns[name]
+        out = common.run_or_drop(fns, name, lambda: fn(*args, eps=EPS, residual=r), notes, what=f"{op} ")
+        if name not in fns:
             continue
         if r is None:
             common.check_close(f"{name} {op}", out, expected, atol=1e-2, rtol=1e-2)

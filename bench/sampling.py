@@ -65,13 +65,8 @@ def run_case(fns, batch, vocab, filt, device, reps, notes):
     times = {}
     for name, fn in list(fns.items()):
         gen = torch.Generator(device=device).manual_seed(0)
-        try:
-            tokens = fn(logits, generator=gen, **params)
-        except Exception as e:  # noqa: BLE001 - an extension that fails to build is reported, not fatal
-            if name != "native":
-                raise
-            notes.append(f"native: failed to run ({type(e).__name__}: {e})")
-            del fns[name]
+        tokens = common.run_or_drop(fns, name, lambda: fn(logits, generator=gen, **params), notes)
+        if name not in fns:
             continue
         inside = kept.gather(1, tokens.view(-1, 1).long())
         if not bool(inside.all()):
