@@ -1,10 +1,10 @@
-"""The generation loop: one batched prefill of all prompts, then batched one-token decode steps.
+"""The generation loop: batched prefill of the prompts, then batched one-token decode steps.
 
 Prompts of similar lengths are right-padded into one prefill (Transformer.prefill
 says why no mask is needed); each fills its own row of a static KV cache, and
 decode steps attend over per-row lengths. The only host sync per step is reading
-the new token ids, which EOS, stop strings and streaming need. Finished rows keep stepping (static shapes) but their
-tokens are dropped.
+the new token ids, which EOS, stop strings and streaming need. Finished rows keep
+stepping (static shapes) but their tokens are dropped.
 """
 import logging
 import time
