@@ -39,6 +39,23 @@ void dispatch_float(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// y[i] = v rounded to `dtype` (float32, float16 or bfloat16, checked before): kernels whose output
+// dtype differs from their input's (float32 logits out of bf16 activations) store through this.
+inline void store_as(void* y, at::ScalarType dtype, int64_t i, float v) {
+  switch (dtype) {
+    case at::kHalf: static_cast<c10::Half*>(y)[i] = static_cast<c10::Half>(v); return;
+    case at::kBFloat16: static_cast<c10::BFloat16*>(y)[i] = static_cast<c10::BFloat16>(v); return;
+    default: static_cast<float*>(y)[i] = v;
+  }
+}
+
+inline at::ScalarType check_out_dtype(const char* op, std::optional<at::ScalarType> out, const at::Tensor& x) {
+  const at::ScalarType d = out.value_or(x.scalar_type());
+  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op,
+              ": out_dtype must be float32, float16 or bfloat16, got ", d);
+  return d;
+}
+
 // [..., cols] -> [rows, cols] with unit column stride: a view when the layout allows, else a copy.
 inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
   at::Tensor rows = t.reshape({-1, cols});

@@ -18,9 +18,15 @@ TORCH_LIBRARY(fuselm, m) {
   // One token per row of logits [B, V] -> [B] int64. temperature, top_p, min_p: float32,
   // top_k: int64, each of shape () or [B]; seed: one int64 (the same seed gives the same tokens).
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed) -> Tensor");
-  // y = x @ weight.T (+ bias): x [..., K], weight [N, K], bias [N], one dtype; float32 accumulation.
-  // CPU only (linear_cpu.cpp), for decode's few rows of x.
-  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // y = x @ weight.T (+ bias): x [..., K], weight [N, K], bias [N], one dtype; float32 accumulation;
+  // y in out_dtype (default x's). CPU only (linear_cpu.cpp), for decode's few rows of x.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  // y = x @ w.T (+ bias) with w [n, K] in a GGUF block format `fmt` (runtime/quant.py's codes), stored as
+  // runtime/quant.py's tiles (uint8 [ceil(n / 4), tile bytes]); x float, y in out_dtype (default x's).
+  // CPU only (quant_cpu.cpp).
+  m.def("qlinear(Tensor x, Tensor tiles, int fmt, int n, Tensor? bias=None, ScalarType? out_dtype=None) -> Tensor");
+  // Rows `tokens` of such a weight [n, k], dequantized as runtime/reference.py does -> [*tokens.shape, k] dtype.
+  m.def("qembedding(Tensor tokens, Tensor tiles, int fmt, int n, int k, ScalarType dtype) -> Tensor");
   // softmax(q k^T * scale) v with GQA: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D]; causal is
   // bottom-right aligned, kv_start [B] (any integer dtype) hides each row's first keys, scale None = D^-0.5.
   // CPU only (attention_cpu.cpp).

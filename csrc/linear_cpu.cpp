@@ -68,7 +68,8 @@ struct Problem {
   int64_t ldx;     // elements between rows of x
   const void* w;   // [N, K] contiguous
   const float* b;  // [N] float32, or null
-  void* y;         // [M, N] contiguous, x's dtype
+  void* y;         // [M, N] contiguous
+  at::ScalarType out;  // y's dtype
   int64_t M, N, K;
 };
 
@@ -79,11 +80,10 @@ ALWAYS_INLINE void tile_and_store(const Problem& p, int64_t m0, int64_t n0) {
   float sum[MB][R];
   Kernel::template tile<R, MB>(static_cast<const typename Kernel::X*>(p.x) + m0 * p.ldx, p.ldx,
                                static_cast<const typename Kernel::W*>(p.w) + n0 * p.K, p.K, sum);
-  T* y = static_cast<T*>(p.y);
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) {
       const float v = p.b ? sum[m][r] + p.b[n0 + r] : sum[m][r];
-      y[(m0 + m) * p.N + n0 + r] = static_cast<T>(v);
+      store_as(p.y, p.out, (m0 + m) * p.N + n0 + r, v);
     }
 }
 
@@ -394,9 +394,11 @@ void parallel_rows(const Problem& p, const Fn& fn) {
   });
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "fuselm::linear";
   check_float(op, "x", x);
+  const at::ScalarType out = check_out_dtype(op, out_dtype, x);
   check_device(op, "weight", weight, x);
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight is ", weight.scalar_type(), " but x is ",
               x.scalar_type());
@@ -413,11 +415,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   }
   const int64_t M = K > 0 ? x.numel() / K : 0;
   // Prefill-sized M is compute-bound: MKL/oneDNN's blocked GEMM wins there. K = 0: zeros (+ bias).
-  if (M > kMaxRows || K == 0) return at::linear(x, weight, bias);
+  if (M > kMaxRows || K == 0) return at::linear(x, weight, bias).to(out);
 
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options());  // [..., N]
+  at::Tensor y = at::empty(sizes, x.options().dtype(out));  // [..., N]
   if (M == 0 || N == 0) return y;
 
   const Isa path = isa();
@@ -426,7 +428,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const Problem p{xs.const_data_ptr(), xs.stride(0), w.const_data_ptr(),
-                  b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), M, N, K};
+                  b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), out, M, N, K};
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     parallel_rows(p, [&](int64_t n0, int64_t n1) { run_rows<T>(path, p, n0, n1); });

@@ -12,13 +12,17 @@ from .ops import set_backend
 __version__ = "0.1.0"
 
 
-def load(source, dtype=None, device=None, backend="auto", progress=True):
+def load(source, dtype=None, device=None, backend="auto", quant="keep", quantize=None, progress=True):
     """Load a model: a Hugging Face directory, a .gguf file, or a built-in name.
 
+    quant="keep" (default) keeps GGUF block-quantized weights quantized where the device has
+    quantized matmuls (the CPU's native kernels), "dequantize" converts them to dense `dtype`.
+    quantize="q8_0" | "q4_0" | "q4_1" quantizes dense weights (safetensors) at load.
     progress=False hides the loading progress bar and the size summary.
     """
     from .model import Model
-    return Model.load(source, dtype=dtype, device=device, backend=backend, progress=progress)
+    return Model.load(source, dtype=dtype, device=device, backend=backend, quant=quant, quantize=quantize,
+                      progress=progress)
 
 
 def __getattr__(name):

@@ -62,14 +62,26 @@ class GGUFFile:
             n_dims = self._unpack("<I")[0]
             dims = self._unpack(f"<{n_dims}Q")
             kind, offset = self._unpack("<IQ")
-            infos.append((name, tuple(int(d) for d in dims), GGMLQuantizationType(kind), offset))
+            try:
+                kind = GGMLQuantizationType(kind)
+            except ValueError:
+                raise ValueError(f"tensor {name} has unknown GGUF type {kind}") from None
+            infos.append((name, tuple(int(d) for d in dims), kind, offset))
         alignment = self.metadata.get("general.alignment", 32)
         start = -(-self._pos // alignment) * alignment
         self.tensors = []
+        ends = sorted(start + offset for *_, offset in infos) + [len(self._map)]
         for name, dims, kind, offset in infos:
             n = int(np.prod(dims))
             block, type_size = GGML_QUANT_SIZES[kind]
+            if dims and dims[0] % block:
+                raise ValueError(f"tensor {name} of shape {tuple(reversed(dims))} is {kind.name}, whose blocks hold "
+                                 f"{block} values, but its rows hold {dims[0]}")
             begin, size = start + offset, n // block * type_size
+            following = ends[ends.index(begin) + 1:]
+            if following and begin + size > following[0] and following[0] != len(self._map):
+                raise ValueError(f"tensor {name}: {size} bytes of {kind.name} for shape {tuple(reversed(dims))} run "
+                                 f"past the start of the next tensor (byte {following[0]})")
             if begin + size > len(self._map):
                 raise ValueError(f"{self.path} is truncated: tensor {name} ends at byte {begin + size}, "
                                  f"the file has {len(self._map)}")

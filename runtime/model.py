@@ -15,11 +15,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from . import memory, ops, rope
+from . import memory, ops, quant, rope
 from .cache import KVCache
 from .weights import open_checkpoint
 
-OPS = ("linear", "rms_norm", "layer_norm", "attention", "decode_attention", "sample")
+OPS = ("linear", "embedding", "rms_norm", "layer_norm", "attention", "decode_attention", "sample")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -49,9 +49,9 @@ def parse_device(device):
 # What a model forced onto one backend runs elsewhere, per device type: the ops that backend lacks there.
 # Matmuls stay torch's (cuBLAS / oneDNN) except where native's CPU GEMV runs them.
 _BORROWED = {
-    ("triton", "cpu"): {"linear": "torch"},
-    ("triton", "cuda"): {"linear": "torch"},
-    ("native", "cuda"): {"linear": "torch", "attention": "triton", "decode_attention": "triton"},
+    ("triton", "cpu"): {"linear": "torch", "embedding": "torch"},
+    ("triton", "cuda"): {"linear": "torch", "embedding": "torch"},
+    ("native", "cuda"): {"linear": "torch", "embedding": "torch", "attention": "triton", "decode_attention": "triton"},
 }
 
 
@@ -72,11 +72,12 @@ def default_dtype(device):
 class Transformer:
     """The network: weights plus forward passes with and without a KV cache."""
 
-    def __init__(self, config, weights, backends, device):
-        """backends: op -> backend name (see backends_for)."""
+    def __init__(self, config, weights, backends, device, dtype):
+        """backends: op -> backend name (see backends_for); dtype: the activations' (and KV cache's)."""
         self.config = config
         self.backends = backends
         self.w = weights
+        self.device, self.dtype = device, dtype
         c = config
         self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         if c.arch == "llama":
@@ -104,9 +105,9 @@ class Transformer:
         return self._linear(F.silu(gate) * up, p + "down")
 
     def _embed(self, tokens, positions):
-        x = F.embedding(tokens, self.w["embed"])
+        x = ops.embedding(tokens, self.w["embed"], self.dtype, backend=self.backends["embedding"])
         if self.config.arch == "gpt2":
-            x = x + F.embedding(positions, self.w["pos_embed"])
+            x = x + ops.embedding(positions, self.w["pos_embed"], self.dtype, backend=self.backends["embedding"])
         return x
 
     def _blocks(self, tokens, positions, attend):
@@ -135,7 +136,11 @@ class Transformer:
         return h
 
     def _lm_head(self, h):
-        return ops.linear(h, self.w["lm_head"], backend=self.backends["linear"]).float()
+        return ops.linear(h, self.w["lm_head"], out_dtype=torch.float32, backend=self.backends["linear"])
+
+    def bytes_per_token(self):
+        """Bytes of weights one decode step reads: all but the embeddings, of which it reads a row."""
+        return sum(weight_bytes({n: t for n, t in self.w.items() if n not in ("embed", "pos_embed")}).values())
 
     # ---------------------------------------------------------------- passes
 
@@ -179,8 +184,7 @@ class Transformer:
 
     def new_cache(self, batch, max_len):
         c = self.config
-        w = self.w["embed"]
-        return KVCache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, w.dtype, w.device)
+        return KVCache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
 
 # ---------------------------------------------------------------- loading
@@ -242,31 +246,76 @@ def _sources(c, names):
     return m
 
 
-def load_weights(ckpt, dtype, device, progress=True):
-    """Read, rearrange and check every tensor the network needs, one at a time."""
+# The weights that go through ops.linear / ops.embedding: the ones that may stay quantized.
+_MATRICES = ("qkv", "o", "gate_up", "down", "fc", "proj")
+
+
+def _is_matrix(name):
+    return name in ("embed", "lm_head", "pos_embed") or name.endswith(".weight") and name.split(".")[-2] in _MATRICES
+
+
+def _storage(c, ckpt, sources, names, keep, quantize):
+    """name -> the GGUF format it is kept in (None: dense), from the checkpoint's metadata alone, so
+    an unsupported type or shape fails before any weight is read."""
+    out = {}
+    for name in names:
+        how, parts = sources[name]
+        stored = [ckpt.quantized_format(p) for p in parts] if keep and _is_matrix(name) else [None]
+        if any(f is not None for f in stored):
+            if how == "cat" and len(set(stored)) > 1:  # e.g. Q4_K_M: q and k Q4_K, v Q6_K
+                out[name] = tuple(stored)
+            else:
+                out[name] = stored[0]
+        elif quantize is not None and _is_matrix(name):
+            # the embedding and output rows stay in Q8_0 (llama.cpp's choice for small-row formats)
+            out[name] = "Q8_0" if name in ("embed", "lm_head", "pos_embed") else quantize
+            quant.check_shape(quant.FORMATS[out[name]], _expected_shapes(c)[name], " + ".join(parts))
+        else:
+            out[name] = None
+    return out
+
+
+def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None):
+    """Read, rearrange and check every tensor the network needs, one at a time.
+
+    keep: GGUF block-quantized matrices stay quantized (fuselm.quant.QuantizedTensor, packed for
+    the native kernels); quantize: a format name, dense matrices are quantized to it."""
     from tqdm import tqdm
 
     c = ckpt.config
     shapes = _expected_shapes(c)
     sources = _sources(c, set(ckpt.names()))
     tied = sources["lm_head"][1] == sources["embed"][1]
-    slots = _slots({n: s for n, s in shapes.items() if not (tied and n == "lm_head")}, dtype, device)
+    names = [n for n in shapes if not (tied and n == "lm_head")]
+    storage = _storage(c, ckpt, sources, names, keep, quantize)
+    slots = _slots({n: shapes[n] for n in names if storage[n] is None}, dtype, device)
     weights = {}
-    for name in tqdm(shapes, desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr):
+    for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr):
         how, parts = sources[name]
-        if tied and name == "lm_head":
-            weights[name] = weights["embed"]  # tied embeddings: one tensor, not a copy
-            continue
-        tensors = [ckpt.get(p, dtype, device) for p in parts]
-        t = torch.cat(tensors) if how == "cat" else tensors[0].t().contiguous() if how == "conv1d" else tensors[0]
-        if tuple(t.shape) != shapes[name]:
-            raise ValueError(f"tensor {' + '.join(parts)} has shape {tuple(t.shape)}, but the config "
-                             f"({c.arch}, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads}) "
-                             f"needs {shapes[name]}")
-        weights[name] = slots[name].copy_(t)
-        del t, tensors  # free the staging copies before the next tensor is read
+        if storage[name] is not None and any(ckpt.quantized_format(p) for p in parts):
+            weights[name] = _check_shape(c, name, parts, quant.concat_rows(
+                [ckpt.get_quantized(p) for p in parts], name).pack())
+        else:
+            tensors = [ckpt.get(p, dtype if storage[name] is None else torch.float32, device) for p in parts]
+            t = torch.cat(tensors) if how == "cat" else tensors[0].t().contiguous() if how == "conv1d" else tensors[0]
+            _check_shape(c, name, parts, t)
+            if storage[name] is None:
+                weights[name] = slots[name].copy_(t)
+            else:
+                weights[name] = quant.quantize(t, storage[name], name).pack()
+            del t, tensors  # free the staging copies before the next tensor is read
         memory.return_free_heap()
+    if tied:
+        weights["lm_head"] = weights["embed"]  # tied embeddings: one tensor, not a copy
     return weights
+
+
+def _check_shape(c, name, parts, t):
+    if tuple(t.shape) != _expected_shapes(c)[name]:
+        raise ValueError(f"tensor {' + '.join(parts)} has shape {tuple(t.shape)}, but the config "
+                         f"({c.arch}, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads}) "
+                         f"needs {_expected_shapes(c)[name]}")
+    return t
 
 
 _ALIGN = 64  # bytes: every weight starts on a cache line (the native GEMV and 16-byte vector loads rely on it)
@@ -287,6 +336,36 @@ def _slots(shapes, dtype, device):
     return {name: flat[o:o + math.prod(shapes[name])].view(shapes[name]) for name, o in offsets.items()}
 
 
+QUANT_MODES = ("keep", "dequantize")
+
+
+def parse_quant(mode, quantize):
+    """Check the quantization arguments; returns quantize as a format name (or None)."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quant {mode!r}; choose 'keep' (GGUF blocks stay quantized) or 'dequantize'")
+    if quantize is None:
+        return None
+    name = quantize.upper() if isinstance(quantize, str) else None
+    if name not in quant.QUANTIZE_TO:
+        raise ValueError(f"unknown quantize format {quantize!r}; choose one of "
+                         f"{', '.join(repr(f.lower()) for f in quant.QUANTIZE_TO)} (or None)")
+    if mode == "dequantize":
+        raise ValueError(f"quantize={quantize!r} with quant='dequantize': pick one")
+    return name
+
+
+def weight_bytes(weights):
+    """{format or dtype name: bytes} over the distinct tensors of a weights dict."""
+    out = {}
+    for t in {id(t): t for t in weights.values()}.values():
+        parts = t.parts if isinstance(t, quant.QuantizedStack) else (t,)
+        for p in parts:
+            kind = p.fmt.name if isinstance(p, quant.QuantizedTensor) else str(p.dtype).replace("torch.", "")
+            out[kind] = out.get(kind, 0) + (p.nbytes if isinstance(p, quant.QuantizedTensor)
+                                            else p.numel() * p.element_size())
+    return out
+
+
 class Model:
     """A loaded model: `generate`, `chat`, `logits`, plus `tokenizer` and `config`."""
 
@@ -294,40 +373,51 @@ class Model:
         self.net = net
         self.config = net.config
         self.tokenizer = tokenizer
-        self.device = net.w["embed"].device
-        self.dtype = net.w["embed"].dtype
+        self.device = net.device
+        self.dtype = net.dtype
         self.last_stats = None
         # decode steps replay a CUDA graph on GPUs; FUSELM_CUDA_GRAPHS=0 runs them eagerly (debugging)
         self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("FUSELM_CUDA_GRAPHS", "1") != "0"
 
     @classmethod
-    def load(cls, source, dtype=None, device=None, backend="auto", progress=True):
+    def load(cls, source, dtype=None, device=None, backend="auto", quant="keep", quantize=None, progress=True):
         device = parse_device(device)
         dtype = parse_dtype(dtype) or default_dtype(device)
         ops.check_backend_name(backend)
+        quantize = parse_quant(quant, quantize)
         # fail now, not mid-generation, if a backend cannot run here; build the native
         # extension now too, so its one-time compile is not timed as generation
         backends = backends_for(backend, device)
-        resolved = {ops.resolve(op, backends[op], device) for op in OPS
+        resolved = {op: ops.resolve(op, backends[op], device) for op in OPS
                     if ops.implementation(op, backends[op], device)}
-        if "native" in resolved:
+        if "native" in resolved.values():
             from . import native
             native.build()
+        # quantized matmuls exist on the CPU's native backend only (GPU kernels: a later issue)
+        keep = quant == "keep" and resolved["linear"] == "native"
+        if quant == "keep" and not keep:
+            ops.log.info("fuselm: linear runs on backend %r on %s, which has no quantized matmul: GGUF blocks are "
+                         "dequantized to %s at load", resolved["linear"], device.type, str(dtype)[6:])
+        if quantize is not None and not keep:
+            raise ValueError(f"quantize={quantize.lower()!r} needs the native CPU kernels, but linear runs on backend "
+                             f"{resolved['linear']!r} on {device.type}")
         ckpt = open_checkpoint(source)
         tokenizer = ckpt.tokenizer()
-        weights = load_weights(ckpt, dtype, device, progress)
-        model = cls(Transformer(ckpt.config, weights, backends, device), tokenizer)
+        weights = load_weights(ckpt, dtype, device, progress, keep=keep, quantize=quantize)
+        model = cls(Transformer(ckpt.config, weights, backends, device, dtype), tokenizer)
         if progress:
             model._print_sizes(weights)
         return model
 
     def _print_sizes(self, weights):
         c = self.config
-        unique = {id(t): t for t in weights.values()}.values()
-        weight_bytes = sum(t.numel() * t.element_size() for t in unique)
+        sizes = weight_bytes(weights)
         kv = KVCache.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        per_token = self.net.bytes_per_token()
         print(f"fuselm: {c.arch} {c.num_layers} layers, hidden {c.hidden_size}, weights "
-              f"{weight_bytes / 2**20:.1f} MiB {str(self.dtype).replace('torch.', '')} on {self.device}; "
+              f"{sum(sizes.values()) / 2**20:.1f} MiB ("
+              + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]))
+              + f"), {per_token / 2**20:.1f} MiB read per token; activations {str(self.dtype)[6:]} on {self.device}; "
               f"KV cache {kv / 2**10:.1f} KiB/token, {kv * c.max_position_embeddings / 2**20:.1f} MiB "
               f"for the full {c.max_position_embeddings}-token context", file=sys.stderr)
 

@@ -28,12 +28,17 @@ from pathlib import Path
 
 import torch
 
+from .quant import QuantizedTensor
+
 NAME = "fuselm_native"
 # One place for what gets compiled and how.
 CPU_SOURCES = ("library.cpp", "cpu_vec.cpp", "norm_cpu.cpp", "sampling_cpu.cpp", "linear_cpu.cpp",
-               "attention_cpu.cpp")
+               "quant_cpu.cpp", "attention_cpu.cpp")
 CUDA_SOURCES = ("norm_cuda.cu", "sampling_cuda.cu")
-CFLAGS = ["-O3", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` does nothing without it
+# (every native op ran on one thread until it was added); it links the libgomp torch already loaded.
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 CUDA_FLAGS = [
     "-O3",
     "-gencode=arch=compute_80,code=[sm_80,compute_80]",  # A100 (+ PTX for later GPUs)
@@ -145,7 +150,8 @@ def _compile(name, build_dir, cuda, verbose):
     print("building fuselm native extension (first use, ~1 min)...", flush=True)
     try:
         cpp_extension.load(
-            name=name, sources=sources, extra_cflags=CFLAGS, extra_cuda_cflags=CUDA_FLAGS if cuda else None,
+            name=name, sources=sources, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+            extra_cuda_cflags=CUDA_FLAGS if cuda else None,
             extra_include_paths=[str(src)], build_directory=build_dir, with_cuda=cuda, is_python_module=False,
             verbose=verbose)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
@@ -163,15 +169,22 @@ def _register_fakes():
     def sample(logits, *args):
         return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
-    def linear(x, weight, bias=None):
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    def linear(x, weight, bias=None, out_dtype=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype or x.dtype)
+
+    def qlinear(x, tiles, fmt, n, bias=None, out_dtype=None):
+        return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
+
+    def qembedding(tokens, tiles, fmt, n, k, dtype):
+        return tiles.new_empty((*tokens.shape, k), dtype=dtype)
 
     def attention(q, *args):
         return q.new_empty(q.shape)
 
     for op, fn in (("rms_norm", norm), ("rms_norm.residual", norm_residual), ("layer_norm", norm),
                    ("layer_norm.residual", norm_residual), ("sample", sample), ("linear", linear),
-                   ("attention", attention), ("decode_attention", attention)):
+                   ("attention", attention), ("decode_attention", attention), ("qlinear", qlinear),
+                   ("qembedding", qembedding)):
         torch.library.register_fake(f"fuselm::{op}", fn)
 
 
@@ -223,13 +236,32 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=Non
                       _param(top_p, torch.float32, device), _param(min_p, torch.float32, device), seed)
 
 
-def linear(x, weight, bias=None):
-    """x @ weight.T (+ bias) on the CPU: x [..., K], weight [N, K], bias [N], all float32, bfloat16 or
-    float16 -> [..., N] in x's dtype, accumulated in float32. Streams the weight once per call for up
-    to 32 rows of x (decode); more rows go to torch's GEMM. A row's result does not depend on the
-    other rows (batch invariant, up to 32 rows)."""
+def linear(x, weight, bias=None, out_dtype=None):
+    """x @ weight.T (+ bias) on the CPU -> [..., N] in out_dtype (default x's), accumulated in float32.
+
+    Dense weight [N, K] (float32, bfloat16 or float16, x's dtype): streams the weight once per call
+    for up to 32 rows of x (decode); more rows go to torch's GEMM. A fuselm.quant.QuantizedTensor
+    packed for the native kernels (GGUF block formats): x quantized to int8 blocks once per call,
+    integer dot products (csrc/quant_cpu.cpp), any number of rows. Either way a row's result does
+    not depend on the other rows (batch invariant)."""
+    if isinstance(weight, QuantizedTensor):
+        if weight.tiles is None:
+            raise ValueError(f"tensor {weight.name} is not packed for the native kernels; call .pack() first")
+        _check_cpu("linear", "backend='torch'", x=x, tiles=weight.tiles, bias=bias)
+        return _ops(x.device).qlinear(x, weight.tiles, weight.fmt.code, weight.shape[0], bias, out_dtype)
     _check_cpu("linear", "backend='torch' (F.linear)", x=x, weight=weight, bias=bias)
-    return _ops(x.device).linear(x, weight, bias)
+    return _ops(x.device).linear(x, weight, bias, out_dtype)
+
+
+def embedding(tokens, table, dtype=None):
+    """Rows `tokens` of table [V, H] -> [*tokens.shape, H] on the CPU. Quantized tables (packed) are
+    dequantized row by row exactly as fuselm.reference.dequantize does; dense ones are gathered."""
+    if isinstance(table, QuantizedTensor):
+        _check_cpu("embedding", "backend='torch'", tokens=tokens, tiles=table.tiles)
+        return _ops(tokens.device).qembedding(tokens, table.tiles, table.fmt.code, table.shape[0], table.shape[1],
+                                              dtype or torch.float32)
+    from . import reference
+    return reference.embedding(tokens, table, dtype)
 
 
 def attention(q, k, v, causal=True, scale=None, kv_start=None):

@@ -20,6 +20,7 @@ import os
 import torch
 
 from . import reference
+from .quant import QuantizedStack, QuantizedTensor
 
 log = logging.getLogger("fuselm")
 
@@ -35,6 +36,7 @@ _MODULES = {
     },
     "native": {
         "linear": "fuselm.native",
+        "embedding": "fuselm.native",
         "rms_norm": "fuselm.native",
         "layer_norm": "fuselm.native",
         "attention": "fuselm.native",
@@ -43,7 +45,7 @@ _MODULES = {
     },
 }
 # The ops a backend implements for CPU tensors only.
-_CPU_ONLY = {"native": ("linear", "attention", "decode_attention")}
+_CPU_ONLY = {"native": ("linear", "embedding", "attention", "decode_attention")}
 # "auto": the backend each op uses on each device type. CPU: Triton only runs there under its
 # interpreter (~1000x slower); native measured faster than torch for every op (bench/native_cpu.py,
 # bench/native_linear.py: GEMV 1.7-2.4x F.linear at decode sizes, decode attention 9-50x and prefill
@@ -51,10 +53,10 @@ _CPU_ONLY = {"native": ("linear", "attention", "decode_attention")}
 # except bf16 matmuls of more than one row (_gemm_beats_gemv).
 # CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
 _AUTO = {
-    "cpu": dict.fromkeys(("linear", "rms_norm", "layer_norm", "attention", "decode_attention", "sample"),
-                         "native"),
-    "cuda": {"linear": "torch", **dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention",
-                                                  "sample"), "triton")},
+    "cpu": dict.fromkeys(("linear", "embedding", "rms_norm", "layer_norm", "attention", "decode_attention",
+                          "sample"), "native"),
+    "cuda": {"linear": "torch", "embedding": "torch",
+             **dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "triton")},
 }
 
 _default = None  # None -> read FUSELM_BACKEND on first use
@@ -191,18 +193,50 @@ def _gemm_beats_gemv(x):
     return x.dtype == torch.bfloat16 and x.numel() > x.shape[-1] and cpu_has_fast_bf16()
 
 
-def linear(x, weight, bias=None, backend=None):
-    """x @ weight.T (+ bias): x [..., K], weight [N, K], bias [N] -> [..., N] (native: CPU GEMV for decode)."""
-    _check_float("x", x)
-    _check_same("weight", weight, "x", x, shape=False)
-    _check(weight.dim() == 2 and weight.shape[1] == x.shape[-1] and weight.dtype == x.dtype,
-           f"weight must be [N, {x.shape[-1]}] {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+def _check_weight(x, weight, bias):
+    """A dense weight [N, K] of x's dtype and device, or a QuantizedTensor [N, K]; bias [N]."""
+    if isinstance(weight, (QuantizedTensor, QuantizedStack)):
+        N, K = weight.shape
+        _check(K == x.shape[-1], f"x must end in K = {K} (weight {weight.name} is quantized [{N}, {K}]), "
+                                 f"got shape {tuple(x.shape)}")
+        _check(weight.device == x.device, f"weight is on {weight.device} but x is on {x.device}")
+    else:
+        _check_same("weight", weight, "x", x, shape=False)
+        _check(weight.dim() == 2 and weight.shape[1] == x.shape[-1] and weight.dtype == x.dtype,
+               f"weight must be [N, {x.shape[-1]}] {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+        N = weight.shape[0]
     if bias is not None:
-        _check_same("bias", bias, "weight", weight, shape=False)
-        _check(bias.shape == (weight.shape[0],), f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if check_backend_name(backend or get_backend()) == "auto" and x.device.type == "cpu" and _gemm_beats_gemv(x):
+        _check_same("bias", bias, "x", x, shape=False)
+        _check(bias.shape == (N,), f"bias must have shape ({N},), got {tuple(bias.shape)}")
+
+
+def linear(x, weight, bias=None, out_dtype=None, backend=None):
+    """x @ weight.T (+ bias): x [..., K], weight [N, K] dense or a fuselm.quant.QuantizedTensor,
+    bias [N] -> [..., N] in out_dtype (default x's)."""
+    _check_float("x", x)
+    _check_weight(x, weight, bias)
+    _check(out_dtype in (None, torch.float32, torch.float16, torch.bfloat16),
+           f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if isinstance(weight, QuantizedStack):
+        n = [p.shape[0] for p in weight.parts]
+        biases = [None] * len(n) if bias is None else bias.split(n)
+        return torch.cat([linear(x, p, b, out_dtype, backend) for p, b in zip(weight.parts, biases)], dim=-1)
+    if (check_backend_name(backend or get_backend()) == "auto" and x.device.type == "cpu"
+            and not isinstance(weight, QuantizedTensor) and _gemm_beats_gemv(x)):
         backend = "torch"
-    return implementation("linear", backend, x.device)(x, weight, bias)
+    return implementation("linear", backend, x.device)(x, weight, bias, out_dtype)
+
+
+def embedding(tokens, table, dtype=None, backend=None):
+    """Rows `tokens` (integer tensor) of table [V, H] (dense or quantized) -> [*tokens.shape, H] in
+    dtype (default the table's; float32 for a quantized one)."""
+    _check(isinstance(tokens, torch.Tensor) and tokens.dtype in (torch.int32, torch.int64),
+           f"tokens must be an int32 or int64 tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
+    if not isinstance(table, QuantizedTensor):
+        _check_float("table", table)
+        _check(table.dim() == 2, f"table must be [V, H], got shape {tuple(table.shape)}")
+    _check(table.device == tokens.device, f"table is on {table.device} but tokens are on {tokens.device}")
+    return implementation("embedding", backend, tokens.device)(tokens, table, dtype)
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None, backend=None):

@@ -140,11 +140,123 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=Non
     return torch.multinomial(probs, 1, generator=generator).view(-1)
 
 
-def linear(x, weight, bias=None):
-    """x @ weight.T (+ bias): x [..., K], weight [N, K] -> [..., N].
+def linear(x, weight, bias=None, out_dtype=None):
+    """x @ weight.T (+ bias): x [..., K], weight [N, K] (dense, or a fuselm.quant.QuantizedTensor)
+    -> [..., N] in out_dtype (default x's).
 
-    The one reference op that does not upcast: torch's matmul already accumulates in
-    float32, and upcasting every weight on every call would double a decode step's
-    memory traffic in the runtime's "torch" backend.
+    Dense weights are the one reference case that does not upcast: torch's matmul already
+    accumulates in float32, and upcasting every weight on every call would double a decode step's
+    memory traffic in the runtime's "torch" backend. Quantized weights are dequantized (bit-exact
+    with gguf) and multiplied in float32.
     """
-    return torch.nn.functional.linear(x, weight, bias)
+    if _is_quantized(weight):
+        b = None if bias is None else bias.float()
+        return torch.nn.functional.linear(x.float(), weight.dequantize(), b).to(out_dtype or x.dtype)
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def embedding(tokens, table, dtype=None):
+    """Rows `tokens` of table [V, H] (dense or quantized) -> [*tokens.shape, H] in dtype (default the
+    table's; float32 for a quantized one)."""
+    if _is_quantized(table):
+        raw = table.raw[tokens.reshape(-1)]
+        rows = dequantize(table.fmt.name, raw, (raw.shape[0], table.shape[1]))
+        return rows.reshape(*tokens.shape, table.shape[1]).to(dtype or torch.float32)
+    out = torch.nn.functional.embedding(tokens, table)
+    return out if dtype is None else out.to(dtype)
+
+
+def _is_quantized(t):
+    from .quant import QuantizedTensor
+    return isinstance(t, QuantizedTensor)
+
+
+# ---------------------------------------------------------------- GGUF block formats
+# Each format's blocks decoded into unsigned integer values q and per-group fields, so that
+# weight = scale * q + min per group (min derived where the format stores none). `unpack_blocks`
+# is shared by `dequantize` (the oracle, bit-exact with the gguf package: the same float32
+# operations in the same order) and by fuselm.quant's repacking for the native kernels.
+
+def _f16(blocks, start):
+    """The float16 stored at bytes [start, start + 2) of each block, as float32 [n, 1]."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs):
+    """Bytes [n, ..., 16] holding values j (low nibble) and j + 16 (high nibble) -> [n, ..., 32]."""
+    return torch.cat((qs & 15, qs >> 4), dim=-1)
+
+
+def _bits(qh, count):
+    """Little-endian bits of bytes [n, count // 8] -> [n, count] (bit i of the stored word)."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], count)
+
+
+def _k_scales(scales):
+    """Q4_K / Q5_K: 12 bytes of 6-bit scales and mins -> (scales, mins) [n, 8] uint8."""
+    d, m, m_d = scales.reshape(-1, 3, 4).unbind(1)
+    sc = torch.cat((d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
+    mn = torch.cat((m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    return sc, mn
+
+
+def unpack_blocks(fmt, blocks):
+    """Blocks of `fmt` (uint8 [n, type_size]) -> dict with "q" (uint8 [n, block], the unsigned values)
+    and the format's scale fields (float32 from float16 "d", "m", "dmin"; uint8 "sc", "mn"; int8 "sc6")."""
+    n = blocks.shape[0]
+    if fmt in ("Q4_0", "Q4_1"):
+        head = 2 if fmt == "Q4_0" else 4
+        out = {"q": _nibbles(blocks[:, head:head + 16]), "d": _f16(blocks, 0)}
+        if fmt == "Q4_1":
+            out["m"] = _f16(blocks, 2)
+        return out
+    if fmt in ("Q5_0", "Q5_1"):
+        head = 2 if fmt == "Q5_0" else 4
+        high = _bits(blocks[:, head:head + 4], 32)
+        out = {"q": _nibbles(blocks[:, head + 4:head + 20]) | (high << 4), "d": _f16(blocks, 0)}
+        if fmt == "Q5_1":
+            out["m"] = _f16(blocks, 2)
+        return out
+    if fmt == "Q8_0":
+        return {"q": blocks[:, 2:34].contiguous().view(torch.int8).to(torch.int16).add(128).to(torch.uint8),
+                "d": _f16(blocks, 0)}
+    if fmt in ("Q4_K", "Q5_K"):
+        sc, mn = _k_scales(blocks[:, 4:16])
+        qs = blocks[:, -128:].reshape(n, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+        q = (qs & 15).reshape(n, 256)
+        if fmt == "Q5_K":
+            qh = blocks[:, 16:48].reshape(n, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+            q = q | ((qh & 1).reshape(n, 256) << 4)
+        return {"q": q, "d": _f16(blocks, 0), "dmin": _f16(blocks, 2), "sc": sc, "mn": mn}
+    if fmt == "Q6_K":
+        ql = blocks[:, :128].reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+        qh = blocks[:, 128:192].reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+        q = (ql & 15).reshape(n, 256) | ((qh & 3).reshape(n, 256) << 4)
+        return {"q": q, "d": _f16(blocks, 208), "sc6": blocks[:, 192:208].contiguous().view(torch.int8)}
+    raise ValueError(f"unknown GGUF block format {fmt!r}")
+
+
+def dequantize_blocks(fmt, blocks):
+    """Blocks of `fmt` (uint8 [n, type_size]) -> float32 [n, block], equal to gguf's dequantize."""
+    f = unpack_blocks(fmt, blocks)
+    n, q = blocks.shape[0], f["q"]
+    if fmt in ("Q4_0", "Q5_0", "Q8_0"):
+        offset = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}[fmt]
+        return f["d"] * (q.to(torch.int16) - offset).float()
+    if fmt in ("Q4_1", "Q5_1"):
+        return f["d"] * q.float() + f["m"]
+    if fmt in ("Q4_K", "Q5_K"):
+        scale = (f["d"] * f["sc"].float()).view(n, 8, 1)
+        low = (f["dmin"] * f["mn"].float()).view(n, 8, 1)
+        return (scale * q.view(n, 8, 32).float() - low).reshape(n, 256)
+    scale = (f["d"] * f["sc6"].float()).view(n, 16, 1)                 # Q6_K
+    return (scale * (q.to(torch.int16) - 32).view(n, 16, 16).float()).reshape(n, 256)
+
+
+def dequantize(fmt, raw, shape):
+    """A GGUF tensor's rows (uint8 [N, bytes per row] in `fmt`) -> float32 of `shape` [N, K]."""
+    from .quant import FORMATS
+    n_blocks = raw.numel() // FORMATS[fmt].type_size
+    return dequantize_blocks(fmt, raw.reshape(n_blocks, -1)).reshape(shape)

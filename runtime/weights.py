@@ -90,6 +90,15 @@ class Checkpoint:
         t = self._read(name, dtype)
         return t.to(device=device)
 
+    def quantized_format(self, name: str):
+        """The GGUF block format (a fuselm.quant.FORMATS name) tensor `name` is stored in, or None for a
+        dense tensor; an error for block formats fuselm cannot keep quantized."""
+        return None
+
+    def get_quantized(self, name: str):
+        """Tensor `name` as a fuselm.quant.QuantizedTensor (GGUF's own rows, on the CPU)."""
+        raise ValueError(f"tensor {name!r} in {self._file_of(name)} is not block-quantized")
+
     def tokenizer(self):
         """The tokenizer, with the config's extra EOS ids (e.g. from generation_config.json) added."""
         tok = self._tokenizer()
@@ -262,10 +271,33 @@ class GGUFCheckpoint(Checkpoint):
             raise ValueError(f"{self.path}: tensors with no {self._arch} equivalent: {', '.join(unknown[:5])}"
                              + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
 
-    def _read(self, name, dtype):
+    def quantized_format(self, name):
+        from gguf import GGMLQuantizationType as Q
+
+        from .quant import FORMATS
+        t, _ = self._index[name]
+        if t.tensor_type in (Q.F32, Q.F16, Q.BF16, Q.F64):
+            return None
+        if t.tensor_type.name not in FORMATS:
+            raise ValueError(f"tensor {t.name} ({name}) in {self.path} is {t.tensor_type.name}, which fuselm cannot "
+                             f"keep quantized (it keeps {', '.join(FORMATS)}); load with quant='dequantize' to "
+                             "convert it to dense weights")
+        return t.tensor_type.name
+
+    def get_quantized(self, name):
+        from .quant import QuantizedTensor
+        fmt = self.quantized_format(name)
+        if fmt is None:
+            return super().get_quantized(name)
         t, part = self._index[name]
-        shape = tuple(reversed([int(d) for d in t.shape]))  # GGUF lists dims innermost first
-        x = self._dequantize(t, name, dtype).reshape(shape)
+        rows = int(np.prod(t.shape[1:]))
+        raw = torch.from_numpy(self.reader.read(t)).reshape(rows, -1)
+        # GPT-2's Conv1D weights were transposed to [out, in] by the converter: that is the [N, K] a
+        # linear layer wants, so they stay as stored (only dense reads transpose them to HF's layout)
+        return QuantizedTensor(fmt, (rows, int(t.shape[0])), self._permute_back(raw, t, part), name=t.name)
+
+    def _permute_back(self, x, t, part):
+        """Undo llama.cpp's Q/K row permutation (dense values or quantized rows alike)."""
         c = self.config
         if self._permuted and part in ("attn_q", "attn_k"):
             heads = c.num_heads if part == "attn_q" else c.num_kv_heads
@@ -273,6 +305,12 @@ class GGUFCheckpoint(Checkpoint):
                 raise ValueError(f"tensor {t.name} in {self.path} has {x.shape[0]} rows, but {heads} heads of "
                                  f"{c.head_dim} need {heads * c.head_dim}")
             x = _unpermute(x, heads)
+        return x
+
+    def _read(self, name, dtype):
+        t, part = self._index[name]
+        shape = tuple(reversed([int(d) for d in t.shape]))  # GGUF lists dims innermost first
+        x = self._permute_back(self._dequantize(t, name, dtype).reshape(shape), t, part)
         if self._arch == "gpt2" and part in _GPT2_CONV1D and x.dim() == 2:
             x = x.t().contiguous()
         return x
