@@ -29,6 +29,7 @@
 //
 // Batch invariance: a row's key blocks, and so its reduction order, depend only on its own
 // kv_start / length and its query block, never on B, the other rows or the thread count.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -96,22 +97,28 @@ ALWAYS_INLINE float sum_lanes(Vec v) {
 }
 
 // Per-thread buffers, sized for the largest task; rows of Dp = D rounded up to kLanes floats.
-// Zero-filled once: the padding stays zero, so it adds nothing to dot products or outputs.
+// Zero-filled when the shape changes: the padding stays zero, so it adds nothing to dot products or
+// outputs. Kept across calls (thread-local): decode calls this op once per layer per token, and
+// allocating and clearing the buffers each time cost more than attending over a short context.
 struct Scratch {
-  int64_t Dp;
+  int64_t D = -1, rows = -1, key_block = -1, Dp = 0;
   std::vector<float> q, acc, m, l, s, k, v, o;
-  explicit Scratch(const Problem& p) : Dp((p.D + kLanes - 1) / kLanes * kLanes) {
-    const int64_t rows = p.queries * p.group();
+  void fit(const Problem& p) {
+    const int64_t r = p.queries * p.group();
+    if (p.D == D && r == rows && p.key_block == key_block) return;
+    D = p.D, rows = r, key_block = p.key_block, Dp = (p.D + kLanes - 1) / kLanes * kLanes;
+    for (auto* buf : {&q, &acc, &m, &l, &s, &k, &v, &o}) buf->clear();
     q.resize(rows * Dp);
     acc.resize(rows * Dp);
     m.resize(rows);
     l.resize(rows);
-    s.resize((p.key_block + kLanes - 1) / kLanes * kLanes);
-    k.resize(p.key_block * Dp);
-    v.resize(p.key_block * Dp);
+    s.resize((key_block + kLanes - 1) / kLanes * kLanes);
+    k.resize(key_block * Dp);
+    v.resize(key_block * Dp);
     o.resize(Dp);
   }
 };
+thread_local Scratch scratch;
 
 // n rows of D elements, `ld` apart, into buf as float32 rows Dp apart. float32 is copied too: the
 // padded rows need no tail loops, and the copy reads cache lines the kernel reads anyway.
@@ -232,7 +239,8 @@ ALWAYS_INLINE void run_task(const Problem& p, int64_t task, Scratch& w) {
 // Tasks pulled from `next` until none is left; one clone set per dtype.
 template <typename T>
 ALWAYS_INLINE void run_tasks(const Problem& p, std::atomic<int64_t>& next) {
-  Scratch w(p);
+  Scratch& w = scratch;
+  w.fit(p);
   for (int64_t t; (t = next.fetch_add(1)) < p.tasks();) run_task<T>(p, t, w);
 }
 CLONES void run_tasks(const Problem& p, const float*, std::atomic<int64_t>& next) { run_tasks<float>(p, next); }
@@ -246,8 +254,10 @@ CLONES void run_tasks(const Problem& p, const c10::BFloat16*, std::atomic<int64_
 template <typename T>
 void run(const Problem& p) {
   // As many threads as the work is worth: at most the task count, at least kMinWork products each
-  // (estimated from the longest possible key range, without reading the lengths per row).
-  const int64_t work = p.tasks() * std::min(p.Sq, p.queries) * p.group() * std::max<int64_t>(p.Sk, 1) * p.D;
+  // (estimated from the longest key range of any row).
+  int64_t keys = 1;
+  for (int64_t b = 0; b < p.B; ++b) keys = std::max(keys, p.hi[b] - p.lo[b]);
+  const int64_t work = p.tasks() * std::min(p.Sq, p.queries) * p.group() * keys * p.D;
   const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(work / kMinWork, p.tasks()), 1, at::get_num_threads());
   std::atomic<int64_t> next{0};
   const T* dtype = nullptr;  // picks the overload
@@ -269,9 +279,11 @@ std::vector<int64_t> row_values(const char* op, const char* name, const std::opt
   TORCH_CHECK(t->dim() == 1 && t->size(0) == q.size(0), op, ": ", name, " must have shape (", q.size(0),
               ",), got ", t->sizes());
   TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", t->device(), " but q is on ", q.device());
-  const at::Tensor values = t->to(at::kLong).contiguous();
-  const int64_t* data = values.const_data_ptr<int64_t>();
-  for (size_t b = 0; b < out.size(); ++b) out[b] = std::clamp<int64_t>(data[b], 0, limit);
+  AT_DISPATCH_INTEGRAL_TYPES(t->scalar_type(), "row_values", [&] {
+    const scalar_t* data = t->const_data_ptr<scalar_t>();
+    const int64_t stride = t->stride(0);
+    for (size_t b = 0; b < out.size(); ++b) out[b] = std::clamp<int64_t>(data[b * stride], 0, limit);
+  });
   return out;
 }
 

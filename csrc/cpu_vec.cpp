@@ -112,6 +112,24 @@ CLONES void exp_shifted(float* x, int64_t n, float m) {
   for (int64_t i = 0; i < n; ++i) x[i] = exp_nonpositive(x[i] - m);
 }
 
+CLONES void silu_mul(const float* a, const float* b, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float t = exp_nonpositive(-std::fabs(a[i]));  // e^-|a|: no overflow on either side
+    const float sigmoid = a[i] >= 0.f ? 1.f / (1.f + t) : t / (1.f + t);
+    out[i] = a[i] * sigmoid * b[i];
+  }
+}
+
+CLONES void gelu_tanh(const float* x, float* out, int64_t n) {
+  constexpr float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  for (int64_t i = 0; i < n; ++i) {
+    const float z = k * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
+    const float t = exp_nonpositive(-2.f * std::fabs(z));  // tanh(|z|) = (1 - t) / (1 + t)
+    const float tanh_abs = (1.f - t) / (1.f + t);
+    out[i] = 0.5f * x[i] * (1.f + (z >= 0.f ? tanh_abs : -tanh_abs));
+  }
+}
+
 CLONES double sum_at_least(const float* x, int64_t n, float threshold) {
   double s = 0.0;
 #pragma omp simd reduction(+ : s)

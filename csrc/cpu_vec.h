@@ -38,6 +38,10 @@ float max(const float* x, int64_t n);
 void divide(float* x, int64_t n, float t);
 // x[i] = exp(x[i] - m), 0 where x[i] - m < -87.3 (below float's normal range)
 void exp_shifted(float* x, int64_t n, float m);
+// out[i] = silu(a[i]) * b[i], silu(a) = a / (1 + e^-a)
+void silu_mul(const float* a, const float* b, float* out, int64_t n);
+// out[i] = x[i] / 2 * (1 + tanh(sqrt(2 / pi) * (x[i] + 0.044715 x[i]^3)))
+void gelu_tanh(const float* x, float* out, int64_t n);
 // sum of the x[i] >= threshold, in float64
 double sum_at_least(const float* x, int64_t n, float threshold);
 

@@ -33,6 +33,13 @@ TORCH_LIBRARY(fuselm, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, bool causal=True, float? scale=None, Tensor? kv_start=None) -> Tensor");
   // One query per row: q [B, Hq, D] over caches [B, Smax, Hkv, D], keys [kv_start[b], seqlens[b]) -> [B, Hq, D].
   // CPU only (attention_cpu.cpp).
+  // Rotary embedding ("rotate half") of x [..., H, D] at positions [...] (int64) with cos/sin tables [P, D/2].
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, Tensor positions) -> Tensor");
+  // silu(x[..., :I]) * x[..., I:] for x [..., 2I]; GELU with the tanh approximation (GPT-2's).
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("gelu_tanh(Tensor x) -> Tensor");
+  // k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t]: caches [num_slots, H, D], k/v [T, H, D], slots [T] int64.
+  m.def("store_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float? scale=None, "
         "Tensor? kv_start=None) -> Tensor");
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .graphs import DecodeGraph
+from .graphs import CPUGraph, DecodeGraph, NotCapturable
 
 log = logging.getLogger("fuselm")
 
@@ -92,12 +92,31 @@ def generate_tokens(model, prompt_ids, max_new_tokens, pick, stats):
         step_fn = lambda t: net.decode(t, cache)  # noqa: E731
         if model.use_cuda_graph and max_new_tokens > 2:
             step_fn = DecodeGraph(net, cache, tokens)
+        elif model.use_cpu_graph and max_new_tokens > 2:
+            step_fn = _recorded(net, cache, tokens)
         for step in range(1, max_new_tokens):
             tokens = pick(step_fn(tokens))
             out = tokens.tolist()
             stats.decode_steps = step
             stats.decode_seconds = time.perf_counter() - t0
             yield out
+
+
+def _recorded(net, cache, tokens):
+    """The CPU decode step replayed from a native plan, or eager (with a warning) if it cannot be recorded."""
+    graph = CPUGraph(net, cache, tokens)
+
+    def step(t):
+        nonlocal graph
+        if graph is not None:
+            try:
+                return graph(t)
+            except NotCapturable as e:
+                ops._log_once(("cpu-graph", str(e)), logging.WARNING, "fuselm: the decode step runs eagerly "
+                              "(slower): it cannot be recorded as a native plan: %s", e)
+                graph = None
+        return net.decode(t, cache)
+    return step
 
 
 class _Row:

@@ -19,7 +19,7 @@ from . import memory, ops, quant, rope
 from .cache import KVCache
 from .weights import open_checkpoint
 
-OPS = ("linear", "embedding", "rms_norm", "layer_norm", "attention", "decode_attention", "sample")
+OPS = ("linear", "rms_norm", "layer_norm", "attention", "decode_attention", "sample", *ops.POINTWISE)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -48,10 +48,11 @@ def parse_device(device):
 
 # What a model forced onto one backend runs elsewhere, per device type: the ops that backend lacks there.
 # Matmuls stay torch's (cuBLAS / oneDNN) except where native's CPU GEMV runs them.
+_TORCH_POINTWISE = dict.fromkeys(ops.POINTWISE, "torch")
 _BORROWED = {
-    ("triton", "cpu"): {"linear": "torch", "embedding": "torch"},
-    ("triton", "cuda"): {"linear": "torch", "embedding": "torch"},
-    ("native", "cuda"): {"linear": "torch", "embedding": "torch", "attention": "triton", "decode_attention": "triton"},
+    ("triton", "cpu"): {"linear": "torch", **_TORCH_POINTWISE},
+    ("triton", "cuda"): {"linear": "torch", **_TORCH_POINTWISE},
+    ("native", "cuda"): {"linear": "torch", **_TORCH_POINTWISE, "attention": "triton", "decode_attention": "triton"},
 }
 
 
@@ -100,9 +101,10 @@ class Transformer:
     def _mlp(self, h, i):
         p = f"layers.{i}."
         if self.config.arch == "gpt2":
-            return self._linear(F.gelu(self._linear(h, p + "fc"), approximate="tanh"), p + "proj")
-        gate, up = self._linear(h, p + "gate_up").chunk(2, dim=-1)
-        return self._linear(F.silu(gate) * up, p + "down")
+            return self._linear(ops.gelu_tanh(self._linear(h, p + "fc"), backend=self.backends["gelu_tanh"]),
+                                p + "proj")
+        return self._linear(ops.silu_mul(self._linear(h, p + "gate_up"), backend=self.backends["silu_mul"]),
+                            p + "down")
 
     def _embed(self, tokens, positions):
         x = ops.embedding(tokens, self.w["embed"], self.dtype, backend=self.backends["embedding"])
@@ -117,8 +119,6 @@ class Transformer:
         B, S = tokens.shape
         r = self._embed(tokens, positions)
         h = self._norm(r, "layers.0.attn_norm")
-        if c.arch == "llama":
-            cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [B, S, 1, D/2]
         for i in range(c.num_layers):
             qkv = self._linear(h, f"layers.{i}.qkv")                          # [B, S, (Hq + 2 Hkv) D]
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
@@ -126,7 +126,8 @@ class Transformer:
             k = k.view(B, S, c.num_kv_heads, c.head_dim)
             v = v.view(B, S, c.num_kv_heads, c.head_dim)
             if c.arch == "llama":
-                q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+                q = ops.rope(q, self.cos, self.sin, positions, backend=self.backends["rope"])
+                k = ops.rope(k, self.cos, self.sin, positions, backend=self.backends["rope"])
             o = attend(i, q, k, v)                                           # [B, S, Hq, D]
             a = self._linear(o.reshape(B, S, self.q_size), f"layers.{i}.o")
             h, r = self._norm(a, f"layers.{i}.mlp_norm", residual=r)
@@ -158,9 +159,10 @@ class Transformer:
         shows it to them, and the decode steps overwrite its cache slots (they write at seqlens = lengths)."""
         n, S = tokens.shape
         positions = torch.arange(S, device=tokens.device).expand(n, S)
+        slots = cache.slots(rows, positions)
 
         def attend(i, q, k, v):
-            cache.write_prefill(i, rows, k, v)
+            cache.store(i, k, v, slots, backend=self.backends["store_kv"])
             return ops.attention(q, k, v, causal=True, backend=self.backends["attention"])
 
         h = self._blocks(tokens, positions, attend)                          # [n, S, hidden]
@@ -171,10 +173,12 @@ class Transformer:
         """One step: tokens [B] at positions cache.seqlens -> float32 logits [B, V].
         Static shapes and no host sync, so it can be captured in a CUDA graph."""
         positions = cache.seqlens.long().unsqueeze(1)                        # [B, 1]
+        slots = cache.slots(cache.rows, positions)
         lengths = cache.seqlens + 1
 
         def attend(i, q, k, v):
-            k_cache, v_cache = cache.write_decode(i, k[:, 0], v[:, 0])
+            cache.store(i, k, v, slots, backend=self.backends["store_kv"])
+            k_cache, v_cache = cache.layer(i)
             return ops.decode_attention(q[:, 0], k_cache, v_cache, lengths,
                                         backend=self.backends["decode_attention"]).unsqueeze(1)
 
@@ -369,7 +373,9 @@ def weight_bytes(weights):
 class Model:
     """A loaded model: `generate`, `chat`, `logits`, plus `tokenizer` and `config`."""
 
-    def __init__(self, net, tokenizer):
+    def __init__(self, net, tokenizer, native=False):
+        """native: the model runs native ops (the extension is built), so its CPU decode step can be
+        replayed as a native plan (FUSELM_CPU_GRAPHS=0 runs it eagerly)."""
         self.net = net
         self.config = net.config
         self.tokenizer = tokenizer
@@ -378,6 +384,8 @@ class Model:
         self.last_stats = None
         # decode steps replay a CUDA graph on GPUs; FUSELM_CUDA_GRAPHS=0 runs them eagerly (debugging)
         self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("FUSELM_CUDA_GRAPHS", "1") != "0"
+        self.use_cpu_graph = (native and self.device.type == "cpu"
+                              and os.environ.get("FUSELM_CPU_GRAPHS", "1") != "0")
 
     @classmethod
     def load(cls, source, dtype=None, device=None, backend="auto", quant="keep", quantize=None, progress=True):
@@ -404,7 +412,8 @@ class Model:
         ckpt = open_checkpoint(source)
         tokenizer = ckpt.tokenizer()
         weights = load_weights(ckpt, dtype, device, progress, keep=keep, quantize=quantize)
-        model = cls(Transformer(ckpt.config, weights, backends, device, dtype), tokenizer)
+        model = cls(Transformer(ckpt.config, weights, backends, device, dtype), tokenizer,
+                    native="native" in resolved.values())
         if progress:
             model._print_sizes(weights)
         return model

@@ -33,7 +33,7 @@ from .quant import QuantizedTensor
 NAME = "fuselm_native"
 # One place for what gets compiled and how.
 CPU_SOURCES = ("library.cpp", "cpu_vec.cpp", "norm_cpu.cpp", "sampling_cpu.cpp", "linear_cpu.cpp",
-               "quant_cpu.cpp", "attention_cpu.cpp")
+               "quant_cpu.cpp", "attention_cpu.cpp", "pointwise_cpu.cpp", "cache_cpu.cpp", "plan_cpu.cpp")
 CUDA_SOURCES = ("norm_cuda.cu", "sampling_cuda.cu")
 # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` does nothing without it
 # (every native op ran on one thread until it was added); it links the libgomp torch already loaded.
@@ -181,7 +181,14 @@ def _register_fakes():
     def attention(q, *args):
         return q.new_empty(q.shape)
 
-    for op, fn in (("rms_norm", norm), ("rms_norm.residual", norm_residual), ("layer_norm", norm),
+    def silu_mul(x):
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    def store_kv(k_cache, v_cache, k, v, slots):
+        return None
+
+    for op, fn in (("rope", norm), ("silu_mul", silu_mul), ("gelu_tanh", norm), ("store_kv", store_kv),
+                   ("rms_norm", norm), ("rms_norm.residual", norm_residual), ("layer_norm", norm),
                    ("layer_norm.residual", norm_residual), ("sample", sample), ("linear", linear),
                    ("attention", attention), ("decode_attention", attention), ("qlinear", qlinear),
                    ("qembedding", qembedding)):
@@ -262,6 +269,26 @@ def embedding(tokens, table, dtype=None):
                                               dtype or torch.float32)
     from . import reference
     return reference.embedding(tokens, table, dtype)
+
+
+def rope(x, cos, sin, positions):
+    """Rotary embedding of x [..., H, D] at positions [...] on the CPU (see fuselm.reference.rope)."""
+    return _ops(x.device).rope(x, cos, sin, positions)
+
+
+def silu_mul(x):
+    """silu(x[..., :I]) * x[..., I:] on the CPU."""
+    return _ops(x.device).silu_mul(x)
+
+
+def gelu_tanh(x):
+    """GELU (tanh approximation) on the CPU."""
+    return _ops(x.device).gelu_tanh(x)
+
+
+def store_kv(k_cache, v_cache, k, v, slots):
+    """k_cache[slots] = k, v_cache[slots] = v on the CPU (caches [num_slots, H, D], k/v [T, H, D])."""
+    _ops(k.device).store_kv(k_cache, v_cache, k, v, slots)
 
 
 def attention(q, k, v, causal=True, scale=None, kv_start=None):

@@ -37,6 +37,10 @@ _MODULES = {
     "native": {
         "linear": "fuselm.native",
         "embedding": "fuselm.native",
+        "rope": "fuselm.native",
+        "silu_mul": "fuselm.native",
+        "gelu_tanh": "fuselm.native",
+        "store_kv": "fuselm.native",
         "rms_norm": "fuselm.native",
         "layer_norm": "fuselm.native",
         "attention": "fuselm.native",
@@ -45,7 +49,11 @@ _MODULES = {
     },
 }
 # The ops a backend implements for CPU tensors only.
-_CPU_ONLY = {"native": ("linear", "embedding", "attention", "decode_attention")}
+_CPU_ONLY = {"native": ("linear", "embedding", "rope", "silu_mul", "gelu_tanh", "store_kv", "attention",
+                        "decode_attention")}
+# The ops of the model's blocks that have no kernel but native's CPU one (elementwise, memory-bound:
+# on GPUs torch runs them; on CPUs native exists so a decode step is all native operators).
+POINTWISE = ("embedding", "rope", "silu_mul", "gelu_tanh", "store_kv")
 # "auto": the backend each op uses on each device type. CPU: Triton only runs there under its
 # interpreter (~1000x slower); native measured faster than torch for every op (bench/native_cpu.py,
 # bench/native_linear.py: GEMV 1.7-2.4x F.linear at decode sizes, decode attention 9-50x and prefill
@@ -53,9 +61,9 @@ _CPU_ONLY = {"native": ("linear", "embedding", "attention", "decode_attention")}
 # except bf16 matmuls of more than one row (_gemm_beats_gemv).
 # CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
 _AUTO = {
-    "cpu": dict.fromkeys(("linear", "embedding", "rms_norm", "layer_norm", "attention", "decode_attention",
-                          "sample"), "native"),
-    "cuda": {"linear": "torch", "embedding": "torch",
+    "cpu": dict.fromkeys(("linear", "rms_norm", "layer_norm", "attention", "decode_attention", "sample",
+                          *POINTWISE), "native"),
+    "cuda": {"linear": "torch", **dict.fromkeys(POINTWISE, "torch"),
              **dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "triton")},
 }
 
@@ -237,6 +245,46 @@ def embedding(tokens, table, dtype=None, backend=None):
         _check(table.dim() == 2, f"table must be [V, H], got shape {tuple(table.shape)}")
     _check(table.device == tokens.device, f"table is on {table.device} but tokens are on {tokens.device}")
     return implementation("embedding", backend, tokens.device)(tokens, table, dtype)
+
+
+def rope(x, cos, sin, positions, backend=None):
+    """Rotary embedding ("rotate half") of x [..., H, D] at positions [...] (int64), with cos/sin
+    tables [P, D/2] float32 (fuselm.rope.tables) -> x's shape and dtype."""
+    _check_float("x", x)
+    _check(x.dim() >= 3 and x.shape[-1] % 2 == 0, f"x must be [..., H, D] with D even, got shape {tuple(x.shape)}")
+    _check(isinstance(positions, torch.Tensor) and positions.dtype == torch.int64
+           and positions.shape == x.shape[:-2], f"positions must be int64 of shape {tuple(x.shape[:-2])}, got "
+                                                f"{getattr(positions, 'dtype', None)} {tuple(getattr(positions, 'shape', ()))}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 2
+               and t.shape[1] == x.shape[-1] // 2, f"{name} must be float32 [P, {x.shape[-1] // 2}]")
+    return implementation("rope", backend, x.device)(x, cos, sin, positions)
+
+
+def silu_mul(x, backend=None):
+    """silu(x[..., :I]) * x[..., I:] for x [..., 2I] (the gated MLP) -> [..., I]."""
+    _check_float("x", x)
+    _check(x.dim() >= 1 and x.shape[-1] % 2 == 0, f"x must be [..., 2I], got shape {tuple(x.shape)}")
+    return implementation("silu_mul", backend, x.device)(x)
+
+
+def gelu_tanh(x, backend=None):
+    """GELU with the tanh approximation (GPT-2's MLP)."""
+    _check_float("x", x)
+    return implementation("gelu_tanh", backend, x.device)(x)
+
+
+def store_kv(k_cache, v_cache, k, v, slots, backend=None):
+    """Write k/v [T, H, D] into rows `slots` [T] (int64) of k_cache/v_cache [num_slots, H, D] (in place)."""
+    for name, c, t in (("k", k_cache, k), ("v", v_cache, v)):
+        _check_float(name, t)
+        _check_same(f"{name}_cache", c, name, t, shape=False)
+        _check(c.dim() == 3 and t.dim() == 3 and t.shape[1:] == c.shape[1:] and c.dtype == t.dtype,
+               f"{name} must be [T, H, D] matching {name}_cache [num_slots, H, D] in dtype, got "
+               f"{tuple(t.shape)} {t.dtype} and {tuple(c.shape)} {c.dtype}")
+    _check_rows("slots", slots, k.shape[0], k.device)
+    _check(slots.dtype == torch.int64, f"slots must be int64, got {slots.dtype}")
+    return implementation("store_kv", backend, k.device)(k_cache, v_cache, k, v, slots)
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None, backend=None):

@@ -167,6 +167,32 @@ def embedding(tokens, table, dtype=None):
     return out if dtype is None else out.to(dtype)
 
 
+def rope(x, cos, sin, positions):
+    """Rotary embedding, "rotate half" (dim i pairs with i + D/2): x [..., H, D] at positions [...]
+    (int64) with cos/sin tables [P, D/2] float32 -> x's shape and dtype, float32 math."""
+    c, s = cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)   # [..., 1, D/2]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def silu_mul(x):
+    """silu(x[..., :I]) * x[..., I:] for x [..., 2I] (the gated MLP), float32 math."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def gelu_tanh(x):
+    """GELU with the tanh approximation (GPT-2's), float32 math."""
+    return torch.nn.functional.gelu(x.float(), approximate="tanh").to(x.dtype)
+
+
+def store_kv(k_cache, v_cache, k, v, slots):
+    """k_cache[slots[t]] = k[t] and v_cache[slots[t]] = v[t]: caches [num_slots, H, D], k/v [T, H, D]."""
+    k_cache[slots] = k
+    v_cache[slots] = v
+
+
 def _is_quantized(t):
     from .quant import QuantizedTensor
     return isinstance(t, QuantizedTensor)

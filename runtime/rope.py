@@ -1,4 +1,4 @@
-"""Rotary position embeddings: frequency tables (with the configured scaling) and their application.
+"""Rotary position embeddings: frequency tables with the configured scaling (ops.rope applies them).
 
 Uses the Hugging Face layout ("rotate half"): dims [0, D/2) pair with
 [D/2, D). GGUF converters permute Q/K rows for llama.cpp's interleaved layout;
@@ -40,10 +40,3 @@ def tables(head_dim, theta, scaling, max_positions, device):
     inv = inverse_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
     return angles.cos().to(device), angles.sin().to(device)
-
-
-def apply(x, cos, sin):
-    """Rotate x [B, S, H, D] by cos/sin [B, S, 1, D/2] (float32 math, x's dtype out)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

@@ -1,0 +1,139 @@
+"""The CPU decode step recorded as a native plan (runtime/graphs.py, csrc/plan_cpu.cpp).
+
+- Replaying the plan gives bitwise the logits of eager steps, step after step, for
+  the Llama family and GPT-2, batch 1 and 3, float32 and bfloat16, on dense and
+  quantized weights; generate's tokens are the same with and without the plan.
+- The plan holds native operators only where the model runs native ops (no aten
+  operator per layer), and replays aten operators correctly where a step has them:
+  indexing with tensor lists (Tensor?[] arguments), conversions that copy or alias,
+  in-place updates, Python numbers where a Tensor is expected.
+- Operators a replay cannot repeat (random draws, host reads) raise NotCapturable
+  before they run, and generate then runs eagerly with a warning and the same tokens.
+"""
+import logging
+
+import pytest
+import torch
+
+import fuselm
+from fuselm import graphs, native
+from tests.fixtures import save_tiny_gguf, save_tiny_model
+
+pytestmark = pytest.mark.skipif(not native.available("cpu"), reason="needs the native extension")
+
+
+def _prefilled(model, prompts, max_len=64):
+    net = model.net
+    ids = [model.tokenizer.encode(p) for p in prompts]
+    S = max(map(len, ids))
+    cache = net.new_cache(len(ids), max_len)
+    padded = torch.zeros(len(ids), S, dtype=torch.long)
+    for i, x in enumerate(ids):
+        padded[i, :len(x)] = torch.tensor(x)
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.int32)
+    logits = net.prefill(padded, lengths, cache, torch.arange(len(ids)))
+    return cache, logits.argmax(-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("quant", ["dense", "q8_0"])
+def test_replay_equals_eager_step_after_step(tmp_path, arch, dtype, quant):
+    path = save_tiny_model(arch, tmp_path / "hf")
+    if quant != "dense":
+        path = save_tiny_gguf(path, tmp_path / "m.gguf", qtype=quant.upper())
+    m = fuselm.load(path, dtype=dtype, device="cpu", progress=False)
+    prompts = ["hello world", "a longer prompt with more words", "x"]
+    for batch in (1, 3):
+        with torch.inference_mode():
+            cache, tokens = _prefilled(m, prompts[:batch])
+            eager_cache, eager_tokens = _prefilled(m, prompts[:batch])
+            graph = graphs.CPUGraph(m.net, cache, tokens)
+            for step in range(5):
+                logits = graph(tokens)
+                expected = m.net.decode(eager_tokens, eager_cache)
+                assert torch.equal(logits, expected), (batch, step)
+                assert torch.equal(cache.seqlens, eager_cache.seqlens)
+                tokens = eager_tokens = expected.argmax(-1)
+
+
+def _aten_entries(model):
+    with torch.inference_mode():
+        cache, tokens = _prefilled(model, ["hello world"])
+        graph = graphs.CPUGraph(model.net, cache, tokens)
+        graph(tokens)
+    return sorted(e for e in map(graph.plan.entry, range(graph.plan.size())) if not e.startswith("fuselm::"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_every_operator_of_a_layer_is_native(tmp_path, arch):
+    """The step's own bookkeeping (positions, slots, lengths; GPT-2's position add) may be aten
+    operators; a layer's are all native: doubling the layers adds no aten entry."""
+    layers = "n_layer" if arch == "gpt2" else "num_hidden_layers"
+    entries = [_aten_entries(fuselm.load(save_tiny_model(arch, tmp_path / str(n), **{layers: n}), dtype="float32",
+                                         device="cpu", progress=False)) for n in (2, 4)]
+    assert entries[0] == entries[1] and len(entries[0]) <= 8, entries
+
+
+def test_generate_gives_the_same_tokens_with_and_without_the_plan(tmp_path):
+    m = fuselm.load(save_tiny_model("llama", tmp_path), dtype="float32", device="cpu", progress=False)
+    assert m.use_cpu_graph
+    prompts = ["hello world", "a longer prompt with more words"]
+    recorded = m.generate(prompts, max_new_tokens=12)
+    m.use_cpu_graph = False
+    assert m.generate(prompts, max_new_tokens=12) == recorded
+
+
+def test_aten_operators_replay_with_their_arguments():
+    native.build()
+    table = torch.randn(12, 4)
+    positions = torch.tensor([1, 5], dtype=torch.int32)
+    buf = torch.zeros(12, 4)
+    out = {}
+
+    def step():
+        idx = positions.long()                 # a conversion that copies
+        same = idx.long()                      # ... and one that aliases (nothing to replay)
+        rows = table[same] * 2.0               # index with a Tensor?[] list; a number where a Tensor is expected
+        buf[idx] = rows                        # index_put_
+        positions.add_(1)                      # in place
+        out["y"] = rows.sum(0) + buf.mean()
+        return out["y"]
+
+    plan = torch.classes.fuselm.Plan()
+    with graphs._Recorder(plan):
+        y = step()
+    for _ in range(3):
+        expected_buf = buf.clone()
+        expected_buf[positions.long()] = table[positions.long()] * 2.0
+        expected = (table[positions.long()] * 2.0).sum(0) + expected_buf.mean()
+        plan.run()
+        assert torch.equal(y, expected) and torch.equal(buf, expected_buf)
+    assert [plan.entry(i) for i in range(plan.size())] == [
+        "aten::_to_copy", "aten::index.Tensor", "aten::mul.Tensor", "aten::index_put_", "aten::add_.Tensor",
+        "aten::sum.dim_IntList", "aten::mean", "aten::add.Tensor"]
+
+
+@pytest.mark.parametrize("bad", [lambda x: x + torch.rand_like(x), lambda x: x * float(x.sum())])
+def test_operators_a_replay_cannot_repeat_are_refused_before_they_run(bad):
+    native.build()
+    x = torch.ones(3)
+    with pytest.raises(graphs.NotCapturable):
+        with graphs._Recorder(torch.classes.fuselm.Plan()):
+            bad(x)
+
+
+def test_generate_runs_eagerly_when_the_step_cannot_be_recorded(tmp_path, monkeypatch, caplog):
+    m = fuselm.load(save_tiny_model("llama", tmp_path), dtype="float32", device="cpu", progress=False)
+    prompts = ["hello world", "a longer prompt"]
+    expected = m.generate(prompts, max_new_tokens=10)
+    decode = type(m.net).decode
+
+    def decode_with_a_host_read(self, tokens, cache):
+        float(cache.seqlens.sum())  # a host sync: not capturable
+        return decode(self, tokens, cache)
+
+    monkeypatch.setattr(type(m.net), "decode", decode_with_a_host_read)
+    with caplog.at_level(logging.WARNING, logger="fuselm"):
+        assert m.generate(prompts, max_new_tokens=10) == expected
+    assert "runs eagerly" in caplog.text
