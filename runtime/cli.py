@@ -17,6 +17,11 @@ def _model_args(p):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: best for the device)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when present)")
     p.add_argument("--backend", default="auto", help="auto | torch | triton | native")
+    p.add_argument("--quant", default="keep", choices=("keep", "dequantize"),
+                   help="GGUF block-quantized weights: keep them quantized (default, where the device has "
+                        "quantized matmuls) or dequantize them at load")
+    p.add_argument("--quantize", default=None, choices=("q8_0", "q4_0", "q4_1"),
+                   help="quantize dense (safetensors) weights at load")
 
 
 def _sampling_args(p):
@@ -36,7 +41,7 @@ def _sampling(a):
 
 def _load(a):
     import fuselm
-    return fuselm.load(a.model, dtype=a.dtype, device=a.device, backend=a.backend)
+    return fuselm.load(a.model, dtype=a.dtype, device=a.device, backend=a.backend, quant=a.quant, quantize=a.quantize)
 
 
 def _report(model):

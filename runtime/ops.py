@@ -55,10 +55,11 @@ _CPU_ONLY = {"native": ("linear", "embedding", "rope", "silu_mul", "gelu_tanh", 
 # on GPUs torch runs them; on CPUs native exists so a decode step is all native operators).
 POINTWISE = ("embedding", "rope", "silu_mul", "gelu_tanh", "store_kv")
 # "auto": the backend each op uses on each device type. CPU: Triton only runs there under its
-# interpreter (~1000x slower); native measured faster than torch for every op (bench/native_cpu.py,
-# bench/native_linear.py: GEMV 1.7-2.4x F.linear at decode sizes, decode attention 9-50x and prefill
-# attention 1.4-2.9x the reference) and is used where it can be built, torch otherwise (with a warning),
-# except bf16 matmuls of more than one row (_gemm_beats_gemv).
+# interpreter (~1000x slower); native measured faster than torch for every op but dense matmuls
+# (bench/native_cpu.py: decode attention 9-50x and prefill attention 1.4-2.9x the reference) and is
+# used where it can be built, torch otherwise (with a warning). Dense matmuls: whichever of the
+# native GEMV and F.linear measured faster for the shape on this machine (runtime/tuning.py);
+# quantized ones: native, the only backend that multiplies them.
 # CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
 _AUTO = {
     "cpu": dict.fromkeys(("linear", "rms_norm", "layer_norm", "attention", "decode_attention", "sample",
@@ -195,12 +196,6 @@ def cpu_has_fast_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _gemm_beats_gemv(x):
-    """auto's one shape rule. Where the CPU multiplies bf16 natively, oneDNN's bf16 GEMM beats the
-    native GEMV from two rows of x on (bench/native_linear.py: 0.6-1.0x at 2..16 rows, 1.5x at one)."""
-    return x.dtype == torch.bfloat16 and x.numel() > x.shape[-1] and cpu_has_fast_bf16()
-
-
 def _check_weight(x, weight, bias):
     """A dense weight [N, K] of x's dtype and device, or a QuantizedTensor [N, K]; bias [N]."""
     if isinstance(weight, (QuantizedTensor, QuantizedStack)):
@@ -230,8 +225,9 @@ def linear(x, weight, bias=None, out_dtype=None, backend=None):
         biases = [None] * len(n) if bias is None else bias.split(n)
         return torch.cat([linear(x, p, b, out_dtype, backend) for p, b in zip(weight.parts, biases)], dim=-1)
     if (check_backend_name(backend or get_backend()) == "auto" and x.device.type == "cpu"
-            and not isinstance(weight, QuantizedTensor) and _gemm_beats_gemv(x)):
-        backend = "torch"
+            and not isinstance(weight, QuantizedTensor) and resolve("linear", "auto", x.device) == "native"):
+        from . import tuning
+        backend = tuning.linear_backend(x, weight)  # dense: whichever measured faster for this shape
     return implementation("linear", backend, x.device)(x, weight, bias, out_dtype)
 
 

@@ -86,6 +86,8 @@ class QuantizedTensor:
         self.shape = tuple(int(s) for s in shape)
         self.name = name
         check_shape(self.fmt, self.shape, name)
+        if raw is None and tiles is None:
+            raise ValueError(f"tensor {name}: a QuantizedTensor needs its data (raw GGUF rows or native tiles)")
         if raw is not None:
             expected = (self.shape[0], self.fmt.row_bytes(self.shape[1]))
             if raw.dtype != torch.uint8 or tuple(raw.shape) != expected:
@@ -139,9 +141,9 @@ class QuantizedStack:
     def nbytes(self):
         return sum(p.nbytes for p in self.parts)
 
-    def pack(self):
+    def pack(self, keep_raw=False):
         for p in self.parts:
-            p.pack()
+            p.pack(keep_raw)
         return self
 
     def __repr__(self):
@@ -149,16 +151,23 @@ class QuantizedStack:
 
 
 def concat_rows(parts, name):
-    """Quantized [N_i, K] parts -> one [sum N_i, K] weight: a QuantizedTensor when they share a format."""
+    """Quantized [N_i, K] parts -> one [sum N_i, K] weight: a QuantizedTensor when they share a format,
+    else a QuantizedStack of the runs of consecutive parts that do."""
     K = parts[0].shape[1]
     if any(p.shape[1] != K for p in parts):
         raise ValueError(f"tensor {name}: parts {', '.join(p.name for p in parts)} have different row lengths")
-    if len(parts) == 1:
-        return parts[0]
-    if len({p.fmt.name for p in parts}) > 1:
-        return QuantizedStack(parts, name)
-    raw = torch.cat([p.raw for p in parts])
-    return QuantizedTensor(parts[0].fmt, (raw.shape[0], K), raw, name=name)
+    if len(parts) > 1 and any(p.raw is None for p in parts):
+        raise ValueError(f"tensor {name}: concat_rows joins GGUF rows; parts already packed without them cannot be")
+    runs = []
+    for p in parts:
+        if runs and runs[-1][-1].fmt == p.fmt:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    joined = [run[0] if len(run) == 1 else QuantizedTensor(run[0].fmt, (sum(p.shape[0] for p in run), K),
+                                                           torch.cat([p.raw for p in run]), name=name)
+              for run in runs]
+    return joined[0] if len(joined) == 1 else QuantizedStack(joined, name)
 
 
 def quantize(weight, fmt, name="weight"):

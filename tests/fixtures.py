@@ -184,9 +184,11 @@ def _permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def save_tiny_gguf(model_dir, file, qtype="F32", pre="gpt2"):
+def save_tiny_gguf(model_dir, file, qtype="F32", pre="gpt2", per_tensor=None):
     """Convert a save_tiny_model directory to GGUF `file`, 2-D weights stored as `qtype`
-    ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", ...), tokenizer.ggml.pre = `pre`. Returns the file's path."""
+    ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", ...), tokenizer.ggml.pre = `pre`; per_tensor maps
+    a GGUF tensor kind ("attn_v", ...) to another type for it (files like Q4_K_M mix them).
+    Returns the file's path."""
     import gguf
     from safetensors.torch import load_file
 
@@ -214,7 +216,9 @@ def save_tiny_gguf(model_dir, file, qtype="F32", pre="gpt2"):
         w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
         w.add_rope_freq_base(cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
         w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype.name == "F32" else gguf.LlamaFileType["MOSTLY_" + qtype.name])
+    file_type = "ALL_F32" if qtype.name == "F32" else "MOSTLY_" + qtype.name
+    if file_type in gguf.LlamaFileType.__members__:  # (types without a file type of their own: none written)
+        w.add_file_type(gguf.LlamaFileType[file_type])
     vocab = sorted({**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}.items(),
                    key=lambda kv: kv[1])
     w.add_tokenizer_model("gpt2")
@@ -238,10 +242,12 @@ def save_tiny_gguf(model_dir, file, qtype="F32", pre="gpt2"):
             x = _permute(x, cfg["num_key_value_heads"])
         if arch == "gpt2" and x.ndim == 2 and any(p in name for p in ("c_attn", "c_proj", "c_fc")):
             x = np.ascontiguousarray(x.T)
-        if x.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(_gguf_name(name, arch), gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+        gguf_name = _gguf_name(name, arch)
+        kind = next((t for part, t in (per_tensor or {}).items() if f".{part}." in gguf_name), qtype)
+        if x.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gguf_name, gguf.quants.quantize(x, kind), raw_dtype=kind)
         else:
-            w.add_tensor(_gguf_name(name, arch), x)
+            w.add_tensor(gguf_name, x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
