@@ -119,7 +119,7 @@ def main(argv=None):
     for row in rows:
         if "TFLOPs" in row:
             row["pct_matmul_peak"] = 100 * row["TFLOPs"] / peak
-    print(f"attention on {common.device_name(device)}; bf16 matmul peak {peak:.4g} TFLOP/s; "
+    print(f"attention on {common.header(device)}; bf16 matmul peak {peak:.4g} TFLOP/s; "
           f"SDPA baseline: {sdpa_backend.name}")
     common.print_table(rows, ["case", "provider", "median_ms", "p20_ms", "p80_ms", "TFLOPs",
                               "pct_matmul_peak", "speedup_vs_sdpa", "error"])

@@ -5,6 +5,11 @@ times anything, reports medians with p20/p80, and derives GB/s or TFLOP/s from
 a byte/FLOP formula written next to the call, plus ratios to the baselines
 measured in the same run. On CUDA the timer is CUDA events around each call;
 on the CPU it is perf_counter.
+
+Limits: copy_bandwidth (read + written) and read_bandwidth are measured over
+buffers at least as big as the data the kernel streams (stream_bytes: 4x the
+CPU's L3), never over one that fits the cache. Every result names the device
+(on the CPU its model name from /proc/cpuinfo) and the date.
 """
 import argparse
 import datetime
@@ -32,11 +37,29 @@ def parse_args(description, argv=None, extra=None):
     return p.parse_args(argv)
 
 
+def cpu_name():
+    """The CPU's model name ("model name" in /proc/cpuinfo, e.g. "AMD EPYC"), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device):
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return cpu_name()
+
+
+def header(device):
+    """The first line a benchmark prints: the device (the CPU model on the CPU), date, torch, threads."""
+    host = f" (host CPU {cpu_name()})" if torch.device(device).type == "cuda" else ""
+    return (f"{device_name(device)}{host}, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads")
 
 
 def device_slug(device):
@@ -80,6 +103,14 @@ def run_or_drop(fns, name, call, notes, what=""):
         return None
 
 
+def summarize(values, unit="ms"):
+    """{"median_<unit>", "p20_<unit>", "p80_<unit>"} of a few measurements (inclusive quantiles: they
+    stay within the measured range when there are only a handful)."""
+    values = list(values)
+    q = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else [values[0]] * 9
+    return {f"median_{unit}": statistics.median(values), f"p20_{unit}": q[1], f"p80_{unit}": q[7]}
+
+
 def timeit(fn, device, reps=None, warmup=3):
     """Run fn() repeatedly; return {"median_ms", "p20_ms", "p80_ms"}."""
     device = torch.device(device)
@@ -107,16 +138,56 @@ def timeit(fn, device, reps=None, warmup=3):
 _limits = {}
 
 
-def copy_bandwidth(device):
-    """Measured device copy bandwidth in GB/s (bytes read + written), cached per device."""
+def l3_bytes():
+    """The CPU's L3 size in bytes (/sys/devices/system/cpu/cpu0/cache/index3/size), or None if unknown."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        return int(text.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        return None
+
+
+def stream_bytes(device):
+    """Bytes an op benchmark streams so its data comes from memory, not cache: on the CPU 4x the L3
+    (256 MiB when it is unknown; a 32 MiB buffer fits a 32 MiB L3 and measures the cache), on CUDA 256 MiB."""
+    if torch.device(device).type == "cuda":
+        return 1 << 28
+    l3 = l3_bytes()
+    return 4 * l3 if l3 else 1 << 28
+
+
+def copy_bandwidth(device, nbytes=None):
+    """Measured copy bandwidth in GB/s (bytes read + written) over buffers of nbytes each (default
+    stream_bytes(device)), cached per device and size."""
     device = torch.device(device)
-    if ("copy", device) not in _limits:
-        n = (1 << 28) if device.type == "cuda" else (1 << 25)  # bytes per buffer
+    n = int(nbytes or stream_bytes(device))
+    if ("copy", device, n) not in _limits:
         src = torch.empty(n, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        t = timeit(lambda: dst.copy_(src), device, reps=20)
-        _limits[("copy", device)] = 2 * n / t["median_ms"] / 1e6
-    return _limits[("copy", device)]
+        t = timeit(lambda: dst.copy_(src), device, reps=10 if device.type == "cpu" else 20)
+        _limits[("copy", device, n)] = 2 * n / t["median_ms"] / 1e6
+        del src, dst
+    return _limits[("copy", device, n)]
+
+
+def read_bandwidth(nbytes, device, cached=True):
+    """Measured memory READ bandwidth in GB/s over a buffer of nbytes: what a decode step, which reads
+    each weight once, can reach at best. CPU: torch.sum over a float32 buffer of nbytes (bytes =
+    nbytes, the buffer read once; the result is 4 bytes) with the current torch thread count, median
+    of 10 runs after 3 warm-ups, cached per size and thread count unless cached=False (a shared
+    machine: measure it again in each round); size it to the data the kernel streams. CUDA: the copy
+    bandwidth (read + written) over buffers of at least 256 MiB, as before."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return copy_bandwidth(device, max(int(nbytes), 1 << 28))
+    key = ("read", device, int(nbytes), torch.get_num_threads())
+    if key not in _limits or not cached:
+        buf = torch.ones(max(1, int(nbytes) // 4), dtype=torch.float32)
+        t = timeit(lambda: buf.sum(), device, reps=10, warmup=3)
+        _limits[key] = buf.numel() * 4 / t["median_ms"] / 1e6
+        del buf
+    return _limits[key]
 
 
 def matmul_peak(device, dtype=torch.bfloat16):
@@ -184,10 +255,13 @@ def save(name, args, rows, extra=None):
     doc = {
         "benchmark": name,
         "device": device_name(args.device),
+        "cpu": cpu_name(),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "quick": bool(args.quick),
         "copy_bandwidth_GBps": copy_bandwidth(args.device),
+        "copy_bandwidth_buffer_bytes": stream_bytes(args.device),
         "rows": rows,
         **(extra or {}),
     }

@@ -92,7 +92,8 @@ def main(argv=None):
     reps = args.reps or (3 if args.quick else None)  # the interpreter is slow; --quick only smoke-tests
     notes = []
     fns = providers(device, args.quick, notes)
-    print(f"{common.device_name(device)}: copy bandwidth {common.copy_bandwidth(device):.1f} GB/s; "
+    print(f"{common.header(device)}; copy bandwidth {common.copy_bandwidth(device):.1f} GB/s "
+          f"(over {common.stream_bytes(device) >> 20} MiB); "
           f"{str(DTYPE).replace('torch.', '')}, Hq={Hq}, Hkv={Hkv}, D={D}")
     torch.manual_seed(0)
     results = []

@@ -133,7 +133,7 @@ def main(argv=None):
         decode_batches, cache_lengths, prompt_lengths = (1, 16), (128, 512, 1024, 4096), (128, 512, 1024)
     native.build()
     copy = common.copy_bandwidth("cpu")
-    print(f"{common.device_name('cpu')}: {torch.get_num_threads()} threads, copy bandwidth {copy:.1f} GB/s")
+    print(f"{common.header('cpu')}; copy bandwidth {copy:.1f} GB/s (over {common.stream_bytes('cpu') >> 20} MiB)")
     norms = []
     for op in ("rms_norm", "layer_norm"):
         for dtype in dtypes:

@@ -7,11 +7,13 @@ M = 1, 4, 16 rows of x, float32 and bfloat16. Each output is checked against
 x.float() @ w.float().T before it is timed.
 
     bytes = N*K*e + M*K*e + M*N*e   (weight, x, y; the weight is nearly all of it)
-    GB/s = bytes / median time; "% copy" = GB/s / measured copy bandwidth;
+    GB/s = bytes / median time; "% read" = GB/s / the read bandwidth measured in the same run
+    (common.read_bandwidth over a buffer the size of the rotating weight copies);
     "vs torch" = F.linear's median time / native's
 
-Every call reads a different copy of the weight, at least 64 MiB in all (twice
-this machine's L3), so the weight comes from memory as in a real decode step.
+Every call reads a different copy of the weight, at least 4x the L3 in all
+(common.stream_bytes: 128 MiB for a 32 MiB L3), so the weight comes from memory
+as in a real decode step.
 The machine may be shared: the providers alternate in rounds of timed calls,
 the reported figures are the medians over rounds, and the load average is
 printed at the start and end.
@@ -38,7 +40,6 @@ SHAPES = {  # name -> (K, N): y [M, N] = x [M, K] @ w[N, K].T
     "1b o": (2048, 2048), "1b gate_up": (2048, 16384), "1b down": (8192, 2048), "1b lm_head": (2048, 128256),
 }
 QUICK_SHAPES = {"tiny": (64, 96), "odd": (100, 33)}
-WORKING_SET = 64 << 20  # bytes of weight copies cycled through per case
 ROUNDS = 5              # alternations of the two providers
 PROVIDERS = {"torch": F.linear, "native": native.linear}
 
@@ -52,7 +53,7 @@ def rotating(fn, x, weights):
 def case(K, N, M, dtype, reps, quick):
     g = torch.Generator().manual_seed(K * N + M)
     e = torch.finfo(dtype).bits // 8
-    copies = 1 if quick else max(1, math.ceil(WORKING_SET / (N * K * e)))
+    copies = 1 if quick else max(1, math.ceil(common.stream_bytes("cpu") / (N * K * e)))  # 4x L3 of copies
     weights = [torch.randn(N, K, generator=g).to(dtype) for _ in range(copies)]
     x = torch.randn(M, K, generator=g).to(dtype)
     expected = x.float() @ weights[0].float().T
@@ -80,8 +81,9 @@ def main(argv=None):
         (SHAPES, (1, 4, 16), (torch.float32, torch.bfloat16))
     native.build()
     load_start = os.getloadavg()
-    copy = common.copy_bandwidth("cpu")
-    print(f"{common.device_name('cpu')}: {torch.get_num_threads()} threads, copy bandwidth {copy:.1f} GB/s, "
+    working_set = common.stream_bytes("cpu")
+    read = common.read_bandwidth(working_set, "cpu")
+    print(f"{common.header('cpu')}; read bandwidth {read:.1f} GB/s (over {working_set >> 20} MiB), "
           f"load average {load_start[0]:.2f} (1 min) {load_start[1]:.2f} (5 min) at start")
     rows = []
     for dtype in dtypes:
@@ -92,12 +94,12 @@ def main(argv=None):
                     t = times[provider]
                     gbps = bytes_moved / t["median_ms"] / 1e6
                     rows.append({"shape": name, "K": K, "N": N, "M": M, "dtype": str(dtype).replace("torch.", ""),
-                                 "provider": provider, **t, "GB/s": gbps, "% copy": 100 * gbps / copy,
+                                 "provider": provider, **t, "GB/s": gbps, "% read": 100 * gbps / read,
                                  "vs torch": times["torch"]["median_ms"] / t["median_ms"]})
                 print(f"  {name} {rows[-1]['dtype']} M={M}: native x{rows[-1]['vs torch']:.2f}", flush=True)
     load_end = os.getloadavg()
     common.print_table(rows, ["shape", "K", "N", "M", "dtype", "provider", "median_ms", "p20_ms", "p80_ms", "GB/s",
-                              "% copy", "vs torch"])
+                              "% read", "vs torch"])
     print(f"load average {load_end[0]:.2f} (1 min) {load_end[1]:.2f} (5 min) at end")
     summary = {}
     for dtype in dtypes:
@@ -117,7 +119,8 @@ def main(argv=None):
                   + ", ".join(f"{p} {ms:.1f} ms/token" for p, ms in per_token.items()))
     name = "native_linear" + (f"_threads{known.threads}" if known.threads else "")
     path = common.save(name, args, rows, extra={
-        "threads": torch.get_num_threads(), "loadavg_start": load_start, "loadavg_end": load_end,
+        "read_bandwidth_GBps": read, "read_bandwidth_buffer_bytes": working_set,
+        "loadavg_start": load_start, "loadavg_end": load_end,
         "summary": summary})
     print(f"saved {path}")
     return rows

@@ -82,7 +82,8 @@ def main(argv=None):
         rows, hiddens = 4096, (2048, 4096, 8192, 16384, 32768)
     notes = []
     fns = providers(device, args.quick, notes)
-    print(f"{common.device_name(device)}: copy bandwidth {common.copy_bandwidth(device):.1f} GB/s; "
+    print(f"{common.header(device)}; copy bandwidth {common.copy_bandwidth(device):.1f} GB/s "
+          f"(over {common.stream_bytes(device) >> 20} MiB); "
           f"{rows} rows, {str(DTYPE).replace('torch.', '')}")
     results = []
     for op in OPS:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from bench import common, report
 
-BENCHMARKS = ["norm", "attention", "decode", "sampling", "native_cpu", "e2e"]
+BENCHMARKS = ["norm", "attention", "decode", "sampling", "native_cpu", "quant", "e2e"]
 
 
 def main(argv=None):

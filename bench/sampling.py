@@ -86,7 +86,8 @@ def main(argv=None):
         batches, vocabs = (1, 8, 32, 128), (32000, 128256, 256000)
     notes = []
     fns = providers(device, args.quick, notes)
-    print(f"{common.device_name(device)}: copy bandwidth {common.copy_bandwidth(device):.1f} GB/s; "
+    print(f"{common.header(device)}; copy bandwidth {common.copy_bandwidth(device):.1f} GB/s "
+          f"(over {common.stream_bytes(device) >> 20} MiB); "
           f"float32 logits, temperature {TEMPERATURE}")
     results = []
     for filt in FILTERS:

@@ -18,17 +18,20 @@
 // One 64-byte load of a tile's block unpacks into 4 rows x 16 values for each half of the block,
 // and each broadcast activation vector serves the 4 rows: a one-row Q4 dot product is bound by
 // instructions, 4 rows sharing each loaded activation block by memory. Up to kMB rows of x share
-// each unpacked weight block (decode batches; prefill runs the same loop over chunks of rows).
+// each unpacked weight block (decode batches). From kGemmRows rows on (prefill), AVX-512 machines
+// instead dequantize the weight a chunk at a time and call torch's GEMM (bf16 where the CPU has it),
+// which measured faster there; other paths run the integer loop over chunks of rows.
 // Inputs holding inf or NaN give NaN in their output rows (an int8 block cannot hold them).
 //
 // Paths, chosen once per process from the CPU: avx512vnni, avxvnni, avx2, portable;
 // FUSELM_QUANT_ISA=portable|avx2|avxvnni|avx512vnni caps the choice (the tests run each path).
 //
-// Batch invariance: row m's result is the same instruction sequence whatever M, the chunk it lands
-// in or the thread count, so it is bitwise the same alone or in a batch.
+// Batch invariance: below kGemmRows rows, row m's result is the same instruction sequence whatever M,
+// the chunk it lands in or the thread count, so it is bitwise the same alone or in a batch.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -94,21 +97,24 @@ int64_t block_of(Fmt f) { return kquant(f) ? 256 : 32; }
 
 // ---------------------------------------------------------------- activations
 
-// x quantized per row: q [M, K] int8, and per row dx [nb], ds [nb] (dx * sum of q over the block),
-// ds16 [2 nb] (dx * sum over each half block, for Q6_K's 16-weight groups).
+// x quantized in blocks of 32: q [nb, M, 32] int8, dx [nb, M] the block scales, ds [nb, M] dx * the
+// sum of q over the block, ds16 [nb, M, 2] over each half block (Q6_K's 16-weight groups). Block-major,
+// so the rows of a pass over block b sit at constant offsets from one pointer each (row-major kept
+// 3 pointers per row live and spilled them; measured).
 struct Acts {
   const int8_t* q;
   const float *dx, *ds, *ds16;
-  int64_t K, nb;
-  const int8_t* qrow(int64_t m) const { return q + m * K; }
-  const float* dxrow(int64_t m) const { return dx + m * nb; }
-  const float* dsrow(int64_t m) const { return ds + m * nb; }
-  const float* ds16row(int64_t m) const { return ds16 + m * 2 * nb; }
+  int64_t K, nb, M;
+  const int8_t* qblock(int64_t b, int64_t m0) const { return q + (b * M + m0) * 32; }
+  const float* dxblock(int64_t b, int64_t m0) const { return dx + b * M + m0; }
+  const float* dsblock(int64_t b, int64_t m0) const { return ds + b * M + m0; }
+  const float* ds16block(int64_t b, int64_t m0) const { return ds16 + (b * M + m0) * 2; }
 };
 
 // One row: float32 x [K] -> int8 q [K] and the block scales. The float rounding trick keeps the
 // loops vectorizable: (v + 1.5 * 2^23) - 1.5 * 2^23 rounds v (|v| <= 127) to the nearest integer.
-CLONES void quantize_row(const float* x, int64_t K, int8_t* q, float* dx, float* ds, float* ds16) {
+// Row m's blocks: q, dx, ds, ds16 point at its block 0 in Acts' layout; block b is M blocks further.
+CLONES void quantize_row(const float* x, int64_t K, int64_t M, int8_t* q, float* dx, float* ds, float* ds16) {
   for (int64_t b = 0; b < K / 32; ++b) {
     const float* xb = x + 32 * b;
     float amax = 0.f;
@@ -120,7 +126,7 @@ CLONES void quantize_row(const float* x, int64_t K, int8_t* q, float* dx, float*
       amax = std::max(amax, a);
     }
     const float d = amax / 127.f, id = d > 0.f ? 127.f / amax : 0.f;
-    int8_t* qb = q + 32 * b;
+    int8_t* qb = q + b * M * 32;
     int sums[2] = {0, 0};
     for (int h = 0; h < 2; ++h) {
       int s = 0;
@@ -134,10 +140,10 @@ CLONES void quantize_row(const float* x, int64_t K, int8_t* q, float* dx, float*
       sums[h] = s;
     }
     const float dd = bad ? std::numeric_limits<float>::quiet_NaN() : d;
-    dx[b] = dd;
-    ds[b] = dd * static_cast<float>(sums[0] + sums[1]);
-    ds16[2 * b] = dd * static_cast<float>(sums[0]);
-    ds16[2 * b + 1] = dd * static_cast<float>(sums[1]);
+    dx[b * M] = dd;
+    ds[b * M] = dd * static_cast<float>(sums[0] + sums[1]);
+    ds16[b * M * 2] = dd * static_cast<float>(sums[0]);
+    ds16[b * M * 2 + 1] = dd * static_cast<float>(sums[1]);
   }
 }
 
@@ -168,10 +174,10 @@ struct ActBuffer {
             row = tmp;
           }
         });
-        quantize_row(row, K, q.data() + m * K, dx + m * nb, ds + m * nb, ds16 + 2 * m * nb);
+        quantize_row(row, K, M, q.data() + m * 32, dx + m, ds + m, ds16 + 2 * m);
       }
     });
-    return Acts{q.data(), dx, ds, ds16, K, nb};
+    return Acts{q.data(), dx, ds, ds16, K, nb, M};
   }
 };
 
@@ -249,19 +255,21 @@ struct Portable {
     for (int64_t b = 0; b < L.nb; ++b) {
       values_scalar<F>(t, L, b, q);
       const Scales s = scales_scalar<F>(t, L, b);
+      const int8_t* xb = a.qblock(b, m0);
+      const float *dxb = a.dxblock(b, m0), *dsb = a.dsblock(b, m0), *ds16b = a.ds16block(b, m0);
       for (int m = 0; m < MB; ++m) {
-        const int8_t* x = a.qrow(m0 + m) + 32 * b;
-        const float dx = a.dxrow(m0 + m)[b];
+        const int8_t* x = xb + 32 * m;
+        const float dx = dxb[m];
         for (int r = 0; r < kTileRows; ++r) {
           int32_t dot[2] = {0, 0};
           for (int h = 0; h < 2; ++h)
             for (int j = 16 * h; j < 16 * h + 16; ++j) dot[h] += static_cast<int32_t>(q[r][j]) * x[j];
           if constexpr (F == Q6_K) {
             facc[m][r] += static_cast<float>(dot[0]) * (s.s[0][r] * dx) + static_cast<float>(dot[1]) * (s.s[1][r] * dx);
-            macc[m][r] += s.m[0][r] * a.ds16row(m0 + m)[2 * b] + s.m[1][r] * a.ds16row(m0 + m)[2 * b + 1];
+            macc[m][r] += s.m[0][r] * ds16b[2 * m] + s.m[1][r] * ds16b[2 * m + 1];
           } else {
             facc[m][r] += static_cast<float>(dot[0] + dot[1]) * (s.s[0][r] * dx);
-            macc[m][r] += s.m[0][r] * a.dsrow(m0 + m)[b];
+            macc[m][r] += s.m[0][r] * dsb[m];
           }
         }
       }
@@ -415,11 +423,13 @@ struct Avx2 {
       __m256 s0[2], s1[2];
       spread(s.s0, s0);
       spread(s.s1, s1);
+      const int8_t* xb = a.qblock(b, m0);
+      const float *dxb = a.dxblock(b, m0), *dsb = a.dsblock(b, m0), *ds16b = a.ds16block(b, m0);
       for (int m = 0; m < MB; ++m) {
-        const int8_t* x = a.qrow(m0 + m) + 32 * b;
+        const int8_t* x = xb + 32 * m;
         const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
         const __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16)));
-        const __m256 dx = _mm256_set1_ps(a.dxrow(m0 + m)[b]);
+        const __m256 dx = _mm256_set1_ps(dxb[m]);
         for (int i = 0; i < 2; ++i) {
           if constexpr (F == Q6_K) {
             const __m256i dlo = dot_u8<kVnni, 6>(_mm256_setzero_si256(), lo[i], xlo);
@@ -433,10 +443,10 @@ struct Avx2 {
           }
         }
         if constexpr (F == Q6_K) {
-          macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(a.ds16row(m0 + m)[2 * b]), macc[m]);
-          macc[m] = _mm_fmadd_ps(s.m1, _mm_set1_ps(a.ds16row(m0 + m)[2 * b + 1]), macc[m]);
+          macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(ds16b[2 * m]), macc[m]);
+          macc[m] = _mm_fmadd_ps(s.m1, _mm_set1_ps(ds16b[2 * m + 1]), macc[m]);
         } else {
-          macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(a.dsrow(m0 + m)[b]), macc[m]);
+          macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(dsb[m]), macc[m]);
         }
       }
     }
@@ -498,22 +508,24 @@ struct Avx512Vnni {
       const Scales4 s = scales4<F>(t, L, b);
       const __m512 s0 = _mm512_permutexvar_ps(rep4, _mm512_castps128_ps512(s.s0));
       const __m512 s1 = _mm512_permutexvar_ps(rep4, _mm512_castps128_ps512(s.s1));
+      const int8_t* xb = a.qblock(b, m0);
+      const float *dxb = a.dxblock(b, m0), *dsb = a.dsblock(b, m0), *ds16b = a.ds16block(b, m0);
       for (int m = 0; m < MB; ++m) {
-        const int8_t* x = a.qrow(m0 + m) + 32 * b;
+        const int8_t* x = xb + 32 * m;
         const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
         const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16)));
-        const __m512 dx = _mm512_set1_ps(a.dxrow(m0 + m)[b]);
+        const __m512 dx = _mm512_set1_ps(dxb[m]);
         if constexpr (F == Q6_K) {
           const __m512i dlo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
           const __m512i dhi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xhi);
           facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dlo), _mm512_mul_ps(s0, dx), facc[m]);
           facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dhi), _mm512_mul_ps(s1, dx), facc[m]);
-          macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(a.ds16row(m0 + m)[2 * b]), macc[m]);
-          macc[m] = _mm_fmadd_ps(s.m1, _mm_set1_ps(a.ds16row(m0 + m)[2 * b + 1]), macc[m]);
+          macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(ds16b[2 * m]), macc[m]);
+          macc[m] = _mm_fmadd_ps(s.m1, _mm_set1_ps(ds16b[2 * m + 1]), macc[m]);
         } else {
           const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
           facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s0, dx), facc[m]);
-          macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(a.dsrow(m0 + m)[b]), macc[m]);
+          macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(dsb[m]), macc[m]);
         }
       }
     }
@@ -526,6 +538,48 @@ struct Avx512Vnni {
     }
   }
 };
+
+// Tile t's 4 rows as float32 (out: 4 rows, K apart): w = scale * q + min, for the GEMM path.
+template <int R>
+inline __m128i lane(__m512i v) {
+  if constexpr (R == 0) return _mm512_castsi512_si128(v);
+  else return _mm512_extracti32x4_epi32(v, R);
+}
+
+template <int R>
+inline void store_row(float* out, int64_t K, int64_t b, __m512i lo, __m512i hi, const float (&s)[2][4],
+                      const float (&m)[2][4]) {
+  const __m512 ql = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lane<R>(lo)));
+  const __m512 qh = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lane<R>(hi)));
+  _mm512_storeu_ps(out + R * K + 32 * b, _mm512_fmadd_ps(ql, _mm512_set1_ps(s[0][R]), _mm512_set1_ps(m[0][R])));
+  _mm512_storeu_ps(out + R * K + 32 * b + 16, _mm512_fmadd_ps(qh, _mm512_set1_ps(s[1][R]), _mm512_set1_ps(m[1][R])));
+}
+
+template <Fmt F>
+void dequantize_tile512(const uint8_t* t, const Layout& L, int64_t K, float* out) {
+  for (int64_t b = 0; b < L.nb; ++b) {
+    __m512i lo, hi;
+    values512<F>(t, L, b, lo, hi);
+    const Scales4 sc = scales4<F>(t, L, b);
+    float s[2][4], m[2][4];
+    _mm_storeu_ps(s[0], sc.s0), _mm_storeu_ps(s[1], sc.s1), _mm_storeu_ps(m[0], sc.m0), _mm_storeu_ps(m[1], sc.m1);
+    store_row<0>(out, K, b, lo, hi, s, m);
+    store_row<1>(out, K, b, lo, hi, s, m);
+    store_row<2>(out, K, b, lo, hi, s, m);
+    store_row<3>(out, K, b, lo, hi, s, m);
+  }
+}
+
+void dequantize_tile512(Fmt f, const uint8_t* t, const Layout& L, int64_t K, float* out) {
+  switch (f) {
+#define FUSELM_DEQUANT(F) \
+  case F: return dequantize_tile512<F>(t, L, K, out);
+    FUSELM_DEQUANT(Q4_0) FUSELM_DEQUANT(Q4_1) FUSELM_DEQUANT(Q5_0) FUSELM_DEQUANT(Q5_1)
+    FUSELM_DEQUANT(Q8_0) FUSELM_DEQUANT(Q4_K) FUSELM_DEQUANT(Q5_K) FUSELM_DEQUANT(Q6_K)
+#undef FUSELM_DEQUANT
+    default: return;
+  }
+}
 
 }  // namespace
 }  // namespace fuselm
@@ -683,6 +737,50 @@ Fmt check_tiles(const char* op, const at::Tensor& tiles, int64_t fmt, int64_t N,
 
 thread_local ActBuffer act_buffer;
 
+// Prefill-sized M: from kGemmRows rows on the weight is dequantized a chunk of rows at a time and
+// multiplied by torch's GEMM, in bfloat16 where the CPU multiplies it natively (oneDNN): SmolLM2's
+// 16 x 128-token prefill went from 0.6x to ~0.95x the dense bf16 model's speed (the integer loop
+// spends 4 float operations per 2 dot-product instructions). Chunks of 8 MiB of float32: oneDNN lost
+// ~30% on chunks of a few hundred rows (measured). The activations keep bf16/float32 precision
+// instead of int8. AVX-512 machines only (its vector dequantizer).
+constexpr int64_t kGemmRows = 64;
+constexpr int64_t kChunkBytes = 8 << 20;
+
+bool gemm_path(int64_t M) {
+#ifdef FUSELM_X86
+  return M >= kGemmRows && isa() == Isa::avx512vnni;
+#else
+  return false;
+#endif
+}
+
+void qlinear_gemm(Fmt f, const Layout& L, const uint8_t* tiles, const at::Tensor& x2d, int64_t N, int64_t K,
+                  const at::Tensor& bias, at::Tensor& y2d) {
+#ifdef FUSELM_X86
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  const at::ScalarType ct = bf16 ? at::kBFloat16 : at::kFloat;
+  const at::Tensor xc = x2d.to(ct);
+  const int64_t rows = std::max<int64_t>(kTileRows, kChunkBytes / (K * 4) / kTileRows * kTileRows);
+  at::Tensor wf = at::empty({rows, K}, x2d.options().dtype(at::kFloat));
+  at::Tensor wc = bf16 ? at::empty({rows, K}, x2d.options().dtype(at::kBFloat16)) : wf;
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0), t0 = n0 / kTileRows, t1 = (n0 + n + kTileRows - 1) / kTileRows;
+    float* w = wf.mutable_data_ptr<float>();
+    at::parallel_for(t0, t1, 8, [&](int64_t a, int64_t e) {
+      for (int64_t t = a; t < e; ++t) {
+        dequantize_tile512(f, tiles + t * L.bytes, L, K, w + (t - t0) * kTileRows * K);
+        if (bf16)
+          cpu::from_float(w + (t - t0) * kTileRows * K,
+                          wc.mutable_data_ptr<c10::BFloat16>() + (t - t0) * kTileRows * K, kTileRows * K);
+      }
+    });
+    at::Tensor out = y2d.narrow(1, n0, n);
+    out.copy_(at::linear(xc, wc.narrow(0, 0, n)));
+    if (bias.defined()) out.add_(bias.narrow(0, n0, n));
+  }
+#endif
+}
+
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& tiles, int64_t fmt, int64_t N,
                    const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "fuselm::qlinear";
@@ -705,6 +803,11 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& tiles, int64_t fmt, in
   const int64_t M = x.numel() / K;
   if (M == 0) return y;
   const at::Tensor x2d = as_rows(x, K);
+  if (gemm_path(M)) {
+    at::Tensor y2d = y.view({M, N});
+    qlinear_gemm(f, Layout(f, K), tiles.const_data_ptr<uint8_t>(), x2d, N, K, b, y2d);
+    return y;
+  }
   const Acts a = act_buffer.quantize(x2d, M, K);
   const Problem p{tiles.const_data_ptr<uint8_t>(), Layout(f, K), a, M, N,
                   b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), N, dtype};

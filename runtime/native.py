@@ -249,8 +249,9 @@ def linear(x, weight, bias=None, out_dtype=None):
     Dense weight [N, K] (float32, bfloat16 or float16, x's dtype): streams the weight once per call
     for up to 32 rows of x (decode); more rows go to torch's GEMM. A fuselm.quant.QuantizedTensor
     packed for the native kernels (GGUF block formats): x quantized to int8 blocks once per call,
-    integer dot products (csrc/quant_cpu.cpp), any number of rows. Either way a row's result does
-    not depend on the other rows (batch invariant)."""
+    integer dot products (csrc/quant_cpu.cpp); from 64 rows on (prefill) AVX-512 machines dequantize
+    the weight chunk by chunk for torch's bf16 GEMM instead. Either way a row's result does not
+    depend on the other rows up to 32 (dense) or 63 (quantized) rows (batch invariant)."""
     if isinstance(weight, QuantizedTensor):
         if weight.tiles is None:
             raise ValueError(f"tensor {weight.name} is not packed for the native kernels; call .pack() first")

@@ -441,6 +441,52 @@ def test_linear_large_k_and_batch(fuselm_ops, fmt):
     check_linear(fmt, 6, 2048, 3, torch.bfloat16, seed=1, out_dtype=torch.float32)
 
 
+GEMM_ROWS = 64  # csrc/quant_cpu.cpp kGemmRows: from this many rows on, AVX-512 machines use the GEMM path
+U_BF16 = 2.0 ** -8
+
+
+def gemm_bound(x, qt, bias, out_dtype):
+    """The prefill path's bound: the weight dequantized, w' = fl(s q + m) (one fused multiply-add,
+    relative error <= u), then x and w' rounded to bfloat16 (<= 2^-8 each; on CPUs without bf16
+    float32 is used and these terms only overestimate) and multiplied by torch's GEMM, which
+    accumulates in float32 in an order of its own: gamma_K on sum |x^ w^|. Then bias and output
+    rounding as in linear_bound. The reference's weight fl(fl(s q) + m) differs from s q + m by
+    |w - (s q + m)|, computed exactly in float64. Returns (y_ref, bound) [M, N]."""
+    N, K = qt.shape
+    xd = x.double().reshape(-1, K)
+    w = reference.dequantize(qt.fmt.name, qt.raw, qt.shape).double()
+    sq, m = decomposed(qt.fmt.name, qt.raw, qt.shape)
+    wd = sq + m
+    b = torch.zeros(N, dtype=torch.float64) if bias is None else bias.double()
+    y_ref = xd @ w.T + b
+    rounding = (1 + U32) * (1 + U_BF16) ** 2 - 1
+    gamma = (K + 2) * U32 / (1 - (K + 2) * U32)
+    mags = xd.abs() @ wd.abs().T
+    kernel = xd.abs() @ (wd - w).abs().T + (rounding + gamma * (1 + rounding)) * mags + U32 * b.abs()
+    return y_ref, kernel + OUT_U[out_dtype] * (y_ref.abs() + kernel) + OUT_TINY[out_dtype]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_prefill_rows(fuselm_ops, fmt):
+    """64 rows and more: on AVX-512 the weight is dequantized chunk by chunk and multiplied by torch's
+    GEMM (gemm_bound); on other paths the integer kernel runs on (linear_bound)."""
+    g = gen(7)
+    qt = make_weight(fmt, 21, 512, g)
+    gemm = torch.ops.fuselm.quant_isa() == "avx512vnni"
+    for M, dtype, bias, out_dtype in ((GEMM_ROWS, torch.float32, True, None), (97, torch.bfloat16, False, torch.float32),
+                                      (GEMM_ROWS + 1, torch.float16, True, torch.float16)):
+        x = torch.randn(M, 512, generator=g).to(dtype)
+        b = torch.randn(21, generator=g).to(dtype) if bias else None
+        y = ops.linear(x, qt, b, out_dtype, backend="native")
+        bound = (gemm_bound if gemm else linear_bound)(x, qt, b, out_dtype or dtype)
+        assert_within(y, *bound, f"{fmt} M={M} {dtype} ({'gemm' if gemm else 'integer'} path)")
+    if gemm:  # the bound is tight enough to see a weight whose min was dropped
+        x = torch.randn(GEMM_ROWS, 512, generator=g)
+        y_ref, bound = gemm_bound(x, qt, None, torch.float32)
+        sq, m = decomposed(fmt, qt.raw, qt.shape)
+        assert ((x.double() @ sq.T - y_ref).abs() > bound).any()
+
+
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.3.ffn_down.weight"])
 def test_linear_smollm2(fuselm_ops, smollm2, name):
     """A real Q4_1 weight (576 x 576, 576 x 1536) against activations of RMS-normed size."""
