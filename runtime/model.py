@@ -259,21 +259,20 @@ def _is_matrix(name):
 
 
 def _storage(c, ckpt, sources, names, keep, quantize):
-    """name -> the GGUF format it is kept in (None: dense), from the checkpoint's metadata alone, so
-    an unsupported type or shape fails before any weight is read."""
+    """name -> None (dense) or the [(format, rows)] runs of its QuantizedTensor(s), from the checkpoint's
+    metadata alone, so an unsupported type or shape fails before any weight is read."""
     out = {}
     for name in names:
         how, parts = sources[name]
         stored = [ckpt.quantized_format(p) for p in parts] if keep and _is_matrix(name) else [None]
         if any(f is not None for f in stored):
-            if how == "cat" and len(set(stored)) > 1:  # e.g. Q4_K_M: q and k Q4_K, v Q6_K
-                out[name] = tuple(stored)
-            else:
-                out[name] = stored[0]
+            # several formats in one fused weight, e.g. Q4_K_M: q and k Q4_K, v Q6_K
+            out[name] = quant.runs([(f, ckpt.quantized_shape(p)[0]) for f, p in zip(stored, parts)])
         elif quantize is not None and _is_matrix(name):
             # the embedding and output rows stay in Q8_0 (llama.cpp's choice for small-row formats)
-            out[name] = "Q8_0" if name in ("embed", "lm_head", "pos_embed") else quantize
-            quant.check_shape(quant.FORMATS[out[name]], _expected_shapes(c)[name], " + ".join(parts))
+            fmt = "Q8_0" if name in ("embed", "lm_head", "pos_embed") else quantize
+            quant.check_shape(quant.FORMATS[fmt], _expected_shapes(c)[name], " + ".join(parts))
+            out[name] = [(fmt, _expected_shapes(c)[name][0])]
         else:
             out[name] = None
     return out
@@ -293,21 +292,26 @@ def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None):
     names = [n for n in shapes if not (tied and n == "lm_head")]
     storage = _storage(c, ckpt, sources, names, keep, quantize)
     slots = _slots({n: shapes[n] for n in names if storage[n] is None}, dtype, device)
+    tile_slots = _tile_slots({n: [quant.tiles_shape(quant.FORMATS[f], (rows, shapes[n][1])) for f, rows in r]
+                              for n, r in storage.items() if r is not None})
     weights = {}
     for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr):
         how, parts = sources[name]
         if storage[name] is not None and any(ckpt.quantized_format(p) for p in parts):
-            weights[name] = _check_shape(c, name, parts, quant.concat_rows(
-                [ckpt.get_quantized(p) for p in parts], name).pack())
+            w = quant.concat_rows([ckpt.get_quantized(p) for p in parts], name)
         else:
             tensors = [ckpt.get(p, dtype if storage[name] is None else torch.float32, device) for p in parts]
-            t = torch.cat(tensors) if how == "cat" else tensors[0].t().contiguous() if how == "conv1d" else tensors[0]
-            _check_shape(c, name, parts, t)
-            if storage[name] is None:
-                weights[name] = slots[name].copy_(t)
-            else:
-                weights[name] = quant.quantize(t, storage[name], name).pack()
-            del t, tensors  # free the staging copies before the next tensor is read
+            w = torch.cat(tensors) if how == "cat" else tensors[0].t().contiguous() if how == "conv1d" else tensors[0]
+            if storage[name] is not None:
+                w = quant.quantize(_check_shape(c, name, parts, w), storage[name][0][0], name)
+            del tensors  # free the staging copies before the next tensor is read
+        _check_shape(c, name, parts, w)
+        if storage[name] is None:
+            weights[name] = slots[name].copy_(w)
+        else:
+            out = tile_slots[name]
+            weights[name] = w.pack(out=out if isinstance(w, quant.QuantizedStack) else out[0])
+        del w
         memory.return_free_heap()
     if tied:
         weights["lm_head"] = weights["embed"]  # tied embeddings: one tensor, not a copy
@@ -338,6 +342,23 @@ def _slots(shapes, dtype, device):
     if flat.device.type == "cpu":
         memory.ask_for_huge_pages(flat)
     return {name: flat[o:o + math.prod(shapes[name])].view(shapes[name]) for name, o in offsets.items()}
+
+
+def _tile_slots(shapes):
+    """Views of one CPU allocation for the quantized weights' tiles: name -> one uint8 tensor per run of
+    shape [tiles, tile bytes]. On huge pages like the dense weights: the native GEMV ran at 16.5 GB/s
+    on 4 KiB pages and 29.9 GB/s on 2 MiB ones (one thread), and SmolLM2's layer weights are each
+    smaller than one huge page, so only a shared allocation gets them."""
+    total = sum(math.prod(s) for runs in shapes.values() for s in runs)
+    flat = torch.empty(total, dtype=torch.uint8)
+    memory.ask_for_huge_pages(flat)
+    out, at = {}, 0
+    for name, runs in shapes.items():
+        out[name] = []
+        for s in runs:
+            out[name].append(flat[at:at + math.prod(s)].view(s))
+            at += math.prod(s)
+    return out
 
 
 QUANT_MODES = ("keep", "dequantize")

@@ -116,10 +116,11 @@ class QuantizedTensor:
                              "load with quant='dequantize' for dense weights")
         return reference.dequantize(self.fmt.name, self.raw, self.shape).to(dtype)
 
-    def pack(self, keep_raw=False):
-        """Build the native kernels' tiles from `raw` (once); drop `raw` unless keep_raw."""
+    def pack(self, keep_raw=False, out=None):
+        """Build the native kernels' tiles from `raw` (once), into `out` if given (see tiles_shape);
+        drop `raw` unless keep_raw."""
         if self.tiles is None:
-            self.tiles = pack(self.fmt, self.raw, self.shape)
+            self.tiles = pack(self.fmt, self.raw, self.shape, out=out)
         if not keep_raw:
             self.raw = None
         return self
@@ -141,13 +142,25 @@ class QuantizedStack:
     def nbytes(self):
         return sum(p.nbytes for p in self.parts)
 
-    def pack(self, keep_raw=False):
-        for p in self.parts:
-            p.pack(keep_raw)
+    def pack(self, keep_raw=False, out=None):
+        """out: None or one tensor per part."""
+        for p, o in zip(self.parts, out or [None] * len(self.parts)):
+            p.pack(keep_raw, o)
         return self
 
     def __repr__(self):
         return f"QuantizedStack({', '.join(map(repr, self.parts))})"
+
+
+def runs(parts):
+    """[(format, rows)] of consecutive parts sharing a format: the QuantizedTensors concat_rows makes."""
+    out = []
+    for fmt, rows in parts:
+        if out and out[-1][0] == fmt:
+            out[-1] = (fmt, out[-1][1] + rows)
+        else:
+            out.append((fmt, rows))
+    return out
 
 
 def concat_rows(parts, name):
@@ -230,11 +243,20 @@ def _pack_rows(fmt, raw, cols):
     return out
 
 
-def pack(fmt, raw, shape, chunk_rows=4096):
-    """GGUF rows -> tiles [ceil(N / 4), tile bytes]; missing rows of the last tile are zeros (scale 0)."""
+def tiles_shape(fmt, shape):
+    """The shape of a [N, K] weight's tiles: [ceil(N / 4), tile bytes]."""
+    return -(-shape[0] // TILE_ROWS), tile_bytes(fmt, shape[1])
+
+
+def pack(fmt, raw, shape, chunk_rows=4096, out=None):
+    """GGUF rows -> tiles [ceil(N / 4), tile bytes] (into `out` if given); missing rows of the last
+    tile are zeros (scale 0)."""
     N, K = shape
-    T = -(-N // TILE_ROWS)
-    out = torch.empty(T, tile_bytes(fmt, K), dtype=torch.uint8)
+    if out is None:
+        out = torch.empty(tiles_shape(fmt, shape), dtype=torch.uint8)
+    elif tuple(out.shape) != tiles_shape(fmt, shape) or out.dtype != torch.uint8:
+        raise ValueError(f"{fmt.name} tiles of a {tuple(shape)} weight are uint8 {tiles_shape(fmt, shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
     for r0 in range(0, N, chunk_rows):  # bounded temporaries for big tensors
         rows = raw[r0:r0 + chunk_rows]
         pad = -rows.shape[0] % TILE_ROWS

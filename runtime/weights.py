@@ -99,6 +99,10 @@ class Checkpoint:
         """Tensor `name` as a fuselm.quant.QuantizedTensor (GGUF's own rows, on the CPU)."""
         raise ValueError(f"tensor {name!r} in {self._file_of(name)} is not block-quantized")
 
+    def quantized_shape(self, name: str):
+        """(N, K) of the QuantizedTensor get_quantized(name) returns, read from the metadata."""
+        raise ValueError(f"tensor {name!r} in {self._file_of(name)} is not block-quantized")
+
     def tokenizer(self):
         """The tokenizer, with the config's extra EOS ids (e.g. from generation_config.json) added."""
         tok = self._tokenizer()
@@ -284,17 +288,21 @@ class GGUFCheckpoint(Checkpoint):
                              "convert it to dense weights")
         return t.tensor_type.name
 
+    def quantized_shape(self, name):
+        # GPT-2's Conv1D weights were transposed to [out, in] by the converter: that is the [N, K] a
+        # linear layer wants, so they stay as stored (only dense reads transpose them to HF's layout)
+        t, _ = self._index[name]
+        return int(np.prod(t.shape[1:])), int(t.shape[0])
+
     def get_quantized(self, name):
         from .quant import QuantizedTensor
         fmt = self.quantized_format(name)
         if fmt is None:
             return super().get_quantized(name)
         t, part = self._index[name]
-        rows = int(np.prod(t.shape[1:]))
-        raw = torch.from_numpy(self.reader.read(t)).reshape(rows, -1)
-        # GPT-2's Conv1D weights were transposed to [out, in] by the converter: that is the [N, K] a
-        # linear layer wants, so they stay as stored (only dense reads transpose them to HF's layout)
-        return QuantizedTensor(fmt, (rows, int(t.shape[0])), self._permute_back(raw, t, part), name=t.name)
+        shape = self.quantized_shape(name)
+        raw = torch.from_numpy(self.reader.read(t)).reshape(shape[0], -1)
+        return QuantizedTensor(fmt, shape, self._permute_back(raw, t, part), name=t.name)
 
     def _permute_back(self, x, t, part):
         """Undo llama.cpp's Q/K row permutation (dense values or quantized rows alike)."""
