@@ -26,10 +26,20 @@ namespace {
 // Rows per parallel task: at least ~32k elements, so small inputs stay on one thread.
 int64_t grain(int64_t cols) { return std::max<int64_t>(1, 32768 / cols); }
 
+// Float32 buffers of a thread (weight, bias, a row, a second row), kept across calls: decode calls a
+// norm twice per layer per token on one row, and four allocations cost more than the row.
+struct Buffers {
+  std::vector<float> w, b, buf, tmp;
+};
+thread_local Buffers buffers;
+
 template <typename T>
 void norm_rows(const NormInputs& in, bool rms, double eps, at::Tensor& y, at::Tensor& h) {
   const int64_t cols = in.cols;
-  std::vector<float> w(cols), b(in.bias.defined() ? cols : 0);
+  std::vector<float>& w = buffers.w;
+  std::vector<float>& b = buffers.b;
+  w.resize(cols);
+  b.resize(in.bias.defined() ? cols : 0);
   dispatch_float(in.weight.scalar_type(), [&](auto tag) {
     cpu::to_float(in.weight.const_data_ptr<decltype(tag)>(), w.data(), cols);
   });
@@ -47,7 +57,10 @@ void norm_rows(const NormInputs& in, bool rms, double eps, at::Tensor& y, at::Te
 
   at::parallel_for(0, in.rows, grain(cols), [&](int64_t begin, int64_t end) {
     constexpr bool kFloat = std::is_same_v<T, float>;  // float32 rows are read and written in place
-    std::vector<float> buf(cols), tmp(cols);            // [cols] float32 scratch per task
+    std::vector<float>& buf = buffers.buf;              // [cols] float32 scratch of this thread
+    std::vector<float>& tmp = buffers.tmp;
+    buf.resize(cols);
+    tmp.resize(cols);
     for (int64_t row = begin; row < end; ++row) {
       const T* x_row = x + row * x_stride;
       T* y_row = y_data + row * cols;

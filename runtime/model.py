@@ -121,13 +121,12 @@ class Transformer:
         h = self._norm(r, "layers.0.attn_norm")
         for i in range(c.num_layers):
             qkv = self._linear(h, f"layers.{i}.qkv")                          # [B, S, (Hq + 2 Hkv) D]
-            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = q.view(B, S, c.num_heads, c.head_dim)
-            k = k.view(B, S, c.num_kv_heads, c.head_dim)
+            qk, v = qkv.split((self.q_size + self.kv_size, self.kv_size), dim=-1)
+            qk = qk.view(B, S, c.num_heads + c.num_kv_heads, c.head_dim)
             v = v.view(B, S, c.num_kv_heads, c.head_dim)
-            if c.arch == "llama":
-                q = ops.rope(q, self.cos, self.sin, positions, backend=self.backends["rope"])
-                k = ops.rope(k, self.cos, self.sin, positions, backend=self.backends["rope"])
+            if c.arch == "llama":  # q and k, adjacent in qkv, rotate in one call
+                qk = ops.rope(qk, self.cos, self.sin, positions, backend=self.backends["rope"])
+            q, k = qk.split((c.num_heads, c.num_kv_heads), dim=2)             # [B, S, H, D] each
             o = attend(i, q, k, v)                                           # [B, S, Hq, D]
             a = self._linear(o.reshape(B, S, self.q_size), f"layers.{i}.o")
             h, r = self._norm(a, f"layers.{i}.mlp_norm", residual=r)
