@@ -41,6 +41,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -61,6 +62,22 @@ constexpr bool kquant(Fmt f) { return f == Q4_K || f == Q5_K || f == Q6_K; }
 constexpr bool has_min(Fmt f) { return f == Q4_1 || f == Q5_1; }
 // min = -offset * scale for the formats that store no min
 constexpr float offset_of(Fmt f) { return f == Q4_0 ? 8.f : f == Q5_0 ? 16.f : f == Q8_0 ? 128.f : 32.f; }
+
+// Calls fn(std::integral_constant<Fmt, F>{}) for f, so kernels get their format at compile time.
+template <typename Fn>
+ALWAYS_INLINE void dispatch_fmt(Fmt f, Fn&& fn) {
+  switch (f) {
+    case Q4_0: return fn(std::integral_constant<Fmt, Q4_0>{});
+    case Q4_1: return fn(std::integral_constant<Fmt, Q4_1>{});
+    case Q5_0: return fn(std::integral_constant<Fmt, Q5_0>{});
+    case Q5_1: return fn(std::integral_constant<Fmt, Q5_1>{});
+    case Q8_0: return fn(std::integral_constant<Fmt, Q8_0>{});
+    case Q4_K: return fn(std::integral_constant<Fmt, Q4_K>{});
+    case Q5_K: return fn(std::integral_constant<Fmt, Q5_K>{});
+    case Q6_K: return fn(std::integral_constant<Fmt, Q6_K>{});
+    default: TORCH_CHECK(false, "fuselm: unknown quantized format code ", static_cast<int>(f));
+  }
+}
 
 constexpr int kTileRows = 4;
 constexpr int64_t kTileAlign = 64;
@@ -571,14 +588,7 @@ void dequantize_tile512(const uint8_t* t, const Layout& L, int64_t K, float* out
 }
 
 void dequantize_tile512(Fmt f, const uint8_t* t, const Layout& L, int64_t K, float* out) {
-  switch (f) {
-#define FUSELM_DEQUANT(F) \
-  case F: return dequantize_tile512<F>(t, L, K, out);
-    FUSELM_DEQUANT(Q4_0) FUSELM_DEQUANT(Q4_1) FUSELM_DEQUANT(Q5_0) FUSELM_DEQUANT(Q5_1)
-    FUSELM_DEQUANT(Q8_0) FUSELM_DEQUANT(Q4_K) FUSELM_DEQUANT(Q5_K) FUSELM_DEQUANT(Q6_K)
-#undef FUSELM_DEQUANT
-    default: return;
-  }
+  dispatch_fmt(f, [&](auto F) { dequantize_tile512<decltype(F)::value>(t, L, K, out); });
 }
 
 }  // namespace
@@ -677,17 +687,7 @@ void run_tiles(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1)
 
 template <typename Kernel>
 void run_tiles_fmt(Fmt f, const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  switch (f) {
-    case Q4_0: return run_tiles<Kernel, Q4_0>(p, t0, t1, m0, m1);
-    case Q4_1: return run_tiles<Kernel, Q4_1>(p, t0, t1, m0, m1);
-    case Q5_0: return run_tiles<Kernel, Q5_0>(p, t0, t1, m0, m1);
-    case Q5_1: return run_tiles<Kernel, Q5_1>(p, t0, t1, m0, m1);
-    case Q8_0: return run_tiles<Kernel, Q8_0>(p, t0, t1, m0, m1);
-    case Q4_K: return run_tiles<Kernel, Q4_K>(p, t0, t1, m0, m1);
-    case Q5_K: return run_tiles<Kernel, Q5_K>(p, t0, t1, m0, m1);
-    case Q6_K: return run_tiles<Kernel, Q6_K>(p, t0, t1, m0, m1);
-    default: TORCH_CHECK(false, "fuselm::qlinear: unknown format code ", static_cast<int>(f));
-  }
+  dispatch_fmt(f, [&](auto F) { run_tiles<Kernel, decltype(F)::value>(p, t0, t1, m0, m1); });
 }
 
 void run_path(Isa path, Fmt f, const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
@@ -823,14 +823,7 @@ __attribute__((optimize("fp-contract=off"))) void dequantize_row(Fmt f, const La
                                                                  int r, int64_t K, float* out) {
   uint8_t q[kTileRows][32];
   for (int64_t b = 0; b < K / 32; ++b) {
-    switch (f) {
-#define FUSELM_VALUES(F) \
-  case F: values_scalar<F>(tile, L, b, q); break;
-      FUSELM_VALUES(Q4_0) FUSELM_VALUES(Q4_1) FUSELM_VALUES(Q5_0) FUSELM_VALUES(Q5_1)
-      FUSELM_VALUES(Q8_0) FUSELM_VALUES(Q4_K) FUSELM_VALUES(Q5_K) FUSELM_VALUES(Q6_K)
-#undef FUSELM_VALUES
-      default: break;
-    }
+    dispatch_fmt(f, [&](auto F) { values_scalar<decltype(F)::value>(tile, L, b, q); });
     float* o = out + 32 * b;
     if (!kquant(f)) {
       const float d = half_to_float(tile + L.d + 8 * b + 2 * r);
