@@ -397,3 +397,43 @@ def test_quantized_or_integer_tensors_are_refused(tiny_dirs, tmp_path):
         ckpt.get("model.norm.weight", torch.float32, "cpu")
     with pytest.raises(ValueError, match="tensors with no llama equivalent: blk.0.attn_unknown.weight"):
         open_checkpoint(_write_gguf(tmp_path / "odd.gguf", {"blk.0.attn_unknown.weight": np.ones(64, np.float32)}))
+
+
+def _patched_gguf(tmp_path, name, rows, cols, patch):
+    """A GGUF holding one Q8_0 tensor [rows, cols] and a norm after it, with the header's dims of the
+    first tensor replaced by patch(dims) (GGUF lists dims innermost first)."""
+    import struct
+
+    import gguf
+    import numpy as np
+    q = gguf.quants.quantize(np.ones((rows, cols), np.float32), gguf.GGMLQuantizationType.Q8_0)
+    file = tmp_path / f"{name}.gguf"
+    w = gguf.GGUFWriter(file, "llama")
+    for key, value in dict(context_length=64, embedding_length=64, feed_forward_length=128, block_count=1,
+                           head_count=4, vocab_size=8).items():
+        getattr(w, f"add_{key}")(value)
+    w.add_tensor("output.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("output_norm.weight", np.ones(64, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = bytearray(file.read_bytes())
+    at = data.index(b"output.weight") + len("output.weight")
+    dims = list(struct.unpack_from("<2Q", data, at + 4))
+    struct.pack_into("<2Q", data, at + 4, *patch(dims))
+    file.write_bytes(bytes(data))
+    return file
+
+
+def test_malformed_quantized_tensors_are_named(tmp_path):
+    """A row that is not a whole number of blocks, and a shape needing more bytes than the tensor has
+    (it would run into the next one): both named at open, before any weight is read."""
+    odd = _patched_gguf(tmp_path, "odd", 8, 64, lambda d: [d[0] + 8, d[1]])
+    with pytest.raises(ValueError, match=r"tensor output.weight of shape \(8, 72\) is Q8_0, whose blocks hold 32 "
+                                         r"values, but its rows hold 72"):
+        open_checkpoint(odd)
+    big = _patched_gguf(tmp_path, "big", 8, 64, lambda d: [d[0], d[1] * 2])
+    with pytest.raises(ValueError, match=r"tensor output.weight: 1088 bytes of Q8_0 for shape \(16, 64\) run past "
+                                         r"the start of the next tensor"):
+        open_checkpoint(big)
