@@ -13,6 +13,7 @@ CPU's L3), never over one that fits the cache. Every result names the device
 """
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -131,21 +132,19 @@ def timeit(fn, device, reps=None, warmup=3):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+    return summarize(times)
+
+
+def rotating(fn, x, weights):
+    """fn(x, w) with the next weight copy on each call (copies larger than the caches together)."""
+    it = itertools.cycle(weights)
+    return lambda: fn(x, next(it))
 
 
 _limits = {}
 
 
-def l3_bytes():
-    """The CPU's L3 size in bytes (/sys/devices/system/cpu/cpu0/cache/index3/size), or None if unknown."""
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip().upper()
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        return int(text.rstrip("KMG")) * scale
-    except (OSError, ValueError):
-        return None
+from fuselm.memory import l3_bytes  # noqa: E402  (re-exported: the benchmarks size buffers by it)
 
 
 def stream_bytes(device):

@@ -371,6 +371,41 @@ def print_ratios(rows):
                 print(f"{model}, {name}: " + "; ".join(parts))
 
 
+# operators that are a matmul, in a recorded CPU decode step (auto may pick torch's for dense weights)
+MATMULS = ("fuselm::qlinear", "fuselm::linear", "aten::mm", "aten::addmm", "aten::linear")
+
+
+def step_split(model, contexts, reps=20):
+    """Where one batch-1 decode step's time goes, from the recorded plan's own per-operator timer
+    (csrc/plan_cpu.cpp: profile): [{context, step_ms, matmul_ms, outside_pct, top}] per context."""
+    import collections
+
+    from fuselm import graphs
+    out = []
+    for ctx in contexts:
+        with torch.inference_mode():
+            cache = model.net.new_cache(1, ctx + 8)
+            ids = torch.arange(1000, 1000 + ctx).view(1, ctx)
+            tok = model.net.prefill(ids, torch.tensor([ctx], dtype=torch.int32), cache, torch.tensor([0])).argmax(-1)
+            graph = graphs.CPUGraph(model.net, cache, tok)
+            graph(tok)
+            names = [graph.plan.entry(i) for i in range(graph.plan.size())]
+            per_op = collections.defaultdict(list)
+            for _ in range(reps):
+                by = collections.defaultdict(float)
+                for name, seconds in zip(names, graph.plan.profile()):
+                    by[name] += seconds
+                cache.seqlens.fill_(ctx)
+                for name, seconds in by.items():
+                    per_op[name].append(seconds)
+        med = {name: statistics.median(v) * 1e3 for name, v in per_op.items()}
+        step, mm = sum(med.values()), sum(v for n, v in med.items() if n in MATMULS)
+        top = sorted(((n, v) for n, v in med.items() if n not in MATMULS), key=lambda kv: -kv[1])[:4]
+        out.append({"context": ctx, "step_ms": step, "matmul_ms": mm, "outside_pct": 100 * (1 - mm / step),
+                    "top": {n: round(v, 3) for n, v in top}})
+    return out
+
+
 def main(argv=None):
     def extra(p):
         p.add_argument("--models", default="smollm2,llama", help="comma-separated subset of smollm2,llama")
@@ -404,7 +439,7 @@ def main(argv=None):
           flush=True)
     for n in notes:
         print("note:", n)
-    rows, wanted = [], args.models.split(",")
+    rows, splits, wanted = [], [], args.models.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         bench_tg = n_new if quick else 64  # llama-bench's decode length (tg64 at full size)
         models = {"smollm2": ("SmolLM2-135M", lambda: smollm2(device, threads, llama_bin, n_new, bench_tg, notes)),
@@ -420,6 +455,9 @@ def main(argv=None):
             samples, read_bw = measure(label, provs, must_match, prompt, batches, n_new, reps, device, notes)
             rows += rows_of(label, samples, read_bw, prompt_len, n_new)
             print(f"{label}: loaded in {t1 - t0:.0f} s, measured in {time.perf_counter() - t1:.0f} s", flush=True)
+            if cpu and provs[0].model.use_cpu_graph:
+                for s in step_split(provs[0].model, (16, prompt_len) if quick else (16, 128, 512)):
+                    splits.append({"model": label, "provider": _label(provs[0].model), **s})
             extra_pl1 = [p.extra for p in provs if isinstance(p, LlamaBatchedBench)]
             if extra_pl1:
                 notes.append(f"{label}: llama-batched-bench at 1 sequence (not reported above: llama-bench's "
@@ -432,10 +470,15 @@ def main(argv=None):
     load_end = os.getloadavg()
     print(f"load average {load_end[0]:.2f} (1 min) at end (the machine has {os.cpu_count()} CPUs: more than "
           f"{threads} busy means other work shared it)")
+    for s in splits:
+        print(f"{s['model']}, {s['provider']}, one decode step at a {s['context']}-token context: "
+              f"{s['step_ms']:.2f} ms, matmuls {s['matmul_ms']:.2f} ms, outside them {s['outside_pct']:.1f}% ("
+              + ", ".join(f"{n.split('::')[1]} {v:.2f}" for n, v in s["top"].items()) + " ms)")
     for n in notes:
         print("note:", n)
     print("saved", common.save("e2e", args, rows, extra={
-        "notes": notes, "llama_cpp_bin": str(llama_bin or ""), "loadavg_start": load_start, "loadavg_end": load_end}))
+        "notes": notes, "llama_cpp_bin": str(llama_bin or ""), "loadavg_start": load_start, "loadavg_end": load_end,
+        "step_split": splits}))
     return rows
 
 

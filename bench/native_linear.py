@@ -23,7 +23,6 @@ printed at the start and end.
     python -m bench.native_linear --quick       # tiny sizes, seconds
 """
 import argparse
-import itertools
 import math
 import os
 import statistics
@@ -44,12 +43,6 @@ ROUNDS = 5              # alternations of the two providers
 PROVIDERS = {"torch": F.linear, "native": native.linear}
 
 
-def rotating(fn, x, weights):
-    """fn(x, w) with the next weight copy on each call."""
-    it = itertools.cycle(weights)
-    return lambda: fn(x, next(it))
-
-
 def case(K, N, M, dtype, reps, quick):
     g = torch.Generator().manual_seed(K * N + M)
     e = torch.finfo(dtype).bits // 8
@@ -64,7 +57,7 @@ def case(K, N, M, dtype, reps, quick):
     rounds = {name: [] for name in PROVIDERS}
     for _ in range(1 if quick else ROUNDS):
         for name, fn in PROVIDERS.items():
-            rounds[name].append(common.timeit(rotating(fn, x, weights), "cpu", reps=reps, warmup=2))
+            rounds[name].append(common.timeit(common.rotating(fn, x, weights), "cpu", reps=reps, warmup=2))
     times = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rounds.items()}
     return N * K * e + M * K * e + M * N * e, times
 

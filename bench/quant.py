@@ -34,7 +34,6 @@ and its median over all rounds is the "% read" limit.
     python -m bench.quant --quick         # tiny sizes, seconds
 """
 import argparse
-import itertools
 import math
 import os
 import statistics
@@ -124,12 +123,6 @@ def providers(K, N, formats, g, quick, x16):
     return out
 
 
-def rotating(fn, x, weights):
-    """fn(x, w) with the next weight copy on each call."""
-    it = itertools.cycle(weights)
-    return lambda: fn(x, next(it))
-
-
 def main(argv=None):
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -177,7 +170,7 @@ def main(argv=None):
             for _ in range(1 if args.quick else ROUNDS):
                 reads.append(common.read_bandwidth(working_set, "cpu", cached=False))
                 for p, (fn, weights, _) in provs.items():
-                    rounds[p].append(common.timeit(rotating(fn, x, weights), "cpu", reps=reps[p], warmup=2))
+                    rounds[p].append(common.timeit(common.rotating(fn, x, weights), "cpu", reps=reps[p], warmup=2))
             times = {p: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for p, rs in rounds.items()}
             for p, (_, _, wbytes) in provs.items():
                 raw_rows.append(({"shape": name, "K": K, "N": N, "M": M}, p, times[p],

@@ -352,10 +352,20 @@ CLONES void split_tasks(const Problem& p, const c10::BFloat16*, const std::vecto
   split_tasks<c10::BFloat16>(p, tasks, partials, next);
 }
 
+// The caller's buffers for a call (kept across calls, as the threads' scratch).
+struct SplitCall {
+  std::vector<Split> tasks;
+  std::vector<int64_t> first;
+  std::vector<float> partials, o;
+};
+thread_local SplitCall split_call;
+
 template <typename T>
 void run_splits(const Problem& p) {
-  std::vector<Split> tasks;
-  std::vector<int64_t> first(p.B + 1);  // row b's splits are tasks [first[b], first[b + 1])
+  std::vector<Split>& tasks = split_call.tasks;
+  std::vector<int64_t>& first = split_call.first;  // row b's splits are tasks [first[b], first[b + 1])
+  tasks.clear();
+  first.assign(p.B + 1, 0);
   int64_t keys = 1;
   for (int64_t b = 0; b < p.B; ++b) {
     first[b] = static_cast<int64_t>(tasks.size());
@@ -364,13 +374,15 @@ void run_splits(const Problem& p) {
   }
   first[p.B] = static_cast<int64_t>(tasks.size());
   const int64_t stride = p.Hq * (2 + p.D);
-  std::vector<float> partials(tasks.size() * stride);
+  std::vector<float>& partials = split_call.partials;
+  partials.resize(tasks.size() * stride);
   const int64_t work = p.B * p.Hq * keys * p.D;
   const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(work / kMinWork, tasks.size()), 1, at::get_num_threads());
   std::atomic<int64_t> next{0};
   const T* dtype = nullptr;  // picks the overload
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { split_tasks(p, dtype, tasks, partials.data(), next); });
-  std::vector<float> o(p.D);
+  std::vector<float>& o = split_call.o;
+  o.resize(p.D);
   for (int64_t b = 0; b < p.B; ++b) {
     T* out = static_cast<T*>(p.out) + b * p.Hq * p.D;
     for (int64_t r = 0; r < p.Hq; ++r) {

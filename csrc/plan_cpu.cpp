@@ -87,12 +87,6 @@ struct Plan : torch::CustomClassHolder {
 
   int64_t size() const { return static_cast<int64_t>(entries.size()); }
 
-  // the tensors entry i writes (tests compare them with an eager step's)
-  std::vector<at::Tensor> outputs(int64_t i) const {
-    TORCH_CHECK(i >= 0 && i < size(), "fuselm Plan: entry ", i, " of ", size());
-    return entries[i].outs;
-  }
-
   // "name.overload" of entry i, for logs and tests
   std::string entry(int64_t i) const {
     TORCH_CHECK(i >= 0 && i < size(), "fuselm Plan: entry ", i, " of ", size());
@@ -111,6 +105,5 @@ TORCH_LIBRARY_FRAGMENT(fuselm, m) {
       .def("run", &fuselm::Plan::run)
       .def("profile", &fuselm::Plan::profile)
       .def("size", &fuselm::Plan::size)
-      .def("entry", &fuselm::Plan::entry)
-      .def("outputs", &fuselm::Plan::outputs);
+      .def("entry", &fuselm::Plan::entry);
 }

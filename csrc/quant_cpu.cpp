@@ -142,7 +142,9 @@ CLONES void quantize_row(const float* x, int64_t K, int64_t M, int8_t* q, float*
       bad |= !(a <= std::numeric_limits<float>::max());  // inf or NaN
       amax = std::max(amax, a);
     }
-    const float d = amax / 127.f, id = d > 0.f ? 127.f / amax : 0.f;
+    // amax below 127 / FLT_MAX makes 127 / amax inf: such a block is multiplied as zeros (its weight
+    // in any output is below float32's resolution of the rest of the sum)
+    const float d = amax / 127.f, id = d > 0.f && 127.f / amax <= std::numeric_limits<float>::max() ? 127.f / amax : 0.f;
     int8_t* qb = q + b * M * 32;
     int sums[2] = {0, 0};
     for (int h = 0; h < 2; ++h) {
@@ -740,11 +742,11 @@ Fmt check_tiles(const char* op, const at::Tensor& tiles, int64_t fmt, int64_t N,
 thread_local ActBuffer act_buffer;
 
 // Prefill-sized M: from kGemmRows rows on the weight is dequantized a chunk of rows at a time and
-// multiplied by torch's GEMM, in bfloat16 where the CPU multiplies it natively (oneDNN): SmolLM2's
-// 16 x 128-token prefill went from 0.6x to ~0.95x the dense bf16 model's speed (the integer loop
-// spends 4 float operations per 2 dot-product instructions). Chunks of 8 MiB of float32: oneDNN lost
-// ~30% on chunks of a few hundred rows (measured). The activations keep bf16/float32 precision
-// instead of int8. AVX-512 machines only (its vector dequantizer).
+// multiplied by torch's GEMM in x's precision: bfloat16 activations in bfloat16 where the CPU
+// multiplies it natively (oneDNN), others in float32. SmolLM2's 16 x 128-token bf16 prefill went
+// from 0.6x to ~0.95x the dense bf16 model's speed (the integer loop spends 4 float operations per
+// 2 dot-product instructions). Chunks of 8 MiB of float32: oneDNN lost ~30% on chunks of a few
+// hundred rows (measured). AVX-512 machines only (its vector dequantizer).
 constexpr int64_t kGemmRows = 64;
 constexpr int64_t kChunkBytes = 8 << 20;
 
@@ -759,9 +761,11 @@ bool gemm_path(int64_t M) {
 void qlinear_gemm(Fmt f, const Layout& L, const uint8_t* tiles, const at::Tensor& x2d, int64_t N, int64_t K,
                   const at::Tensor& bias, at::Tensor& y2d) {
 #ifdef FUSELM_X86
-  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  static const bool cpu_bf16 = __builtin_cpu_supports("avx512bf16");
+  const bool bf16 = cpu_bf16 && x2d.scalar_type() == at::kBFloat16;
   const at::ScalarType ct = bf16 ? at::kBFloat16 : at::kFloat;
   const at::Tensor xc = x2d.to(ct);
+  const at::Tensor b = bias.defined() ? bias.to(ct) : at::Tensor();
   const int64_t rows = std::max<int64_t>(kTileRows, kChunkBytes / (K * 4) / kTileRows * kTileRows);
   at::Tensor wf = at::empty({rows, K}, x2d.options().dtype(at::kFloat));
   at::Tensor wc = bf16 ? at::empty({rows, K}, x2d.options().dtype(at::kBFloat16)) : wf;
@@ -776,9 +780,8 @@ void qlinear_gemm(Fmt f, const Layout& L, const uint8_t* tiles, const at::Tensor
                           wc.mutable_data_ptr<c10::BFloat16>() + (t - t0) * kTileRows * K, kTileRows * K);
       }
     });
-    at::Tensor out = y2d.narrow(1, n0, n);
-    out.copy_(at::linear(xc, wc.narrow(0, 0, n)));
-    if (bias.defined()) out.add_(bias.narrow(0, n0, n));
+    const std::optional<at::Tensor> bn = b.defined() ? std::optional<at::Tensor>(b.narrow(0, n0, n)) : std::nullopt;
+    y2d.narrow(1, n0, n).copy_(at::linear(xc, wc.narrow(0, 0, n), bn));
   }
 #endif
 }

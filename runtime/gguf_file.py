@@ -12,6 +12,7 @@ Layout: magic "GGUF", version u32, tensor count u64, metadata count u64,
 metadata (key string, type u32, value), tensor infos (name, n_dims u32,
 dims u64 x n, type u32, offset u64), padding to general.alignment, data.
 """
+import bisect
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ class GGUFFile:
                 raise ValueError(f"tensor {name} of shape {tuple(reversed(dims))} is {kind.name}, whose blocks hold "
                                  f"{block} values, but its rows hold {dims[0]}")
             begin, size = start + offset, n // block * type_size
-            following = ends[ends.index(begin) + 1:]
+            following = ends[bisect.bisect_right(ends, begin):]  # the starts after this one (and the file's end)
             if following and begin + size > following[0] and following[0] != len(self._map):
                 raise ValueError(f"tensor {name}: {size} bytes of {kind.name} for shape {tuple(reversed(dims))} run "
                                  f"past the start of the next tensor (byte {following[0]})")

@@ -9,9 +9,11 @@ logits buffer. Sampling stays outside.
   CPU: a native plan (CPUGraph, csrc/plan_cpu.cpp): the first step runs under a
        TorchDispatchMode that records every operator it dispatches with its arguments
        and results; later steps replay that list from C++. A step that cannot be
-       recorded faithfully (an operator that reads a tensor on the host, draws random
-       numbers or has a data-dependent output shape) raises NotCapturable before that
-       operator runs, and the caller runs eagerly instead.
+       recorded faithfully (an operator that reads a tensor on the host through the
+       dispatcher, such as .item(), draws random numbers, has a data-dependent output
+       shape or returns anything but tensors) raises NotCapturable before that
+       operator runs, and the caller runs eagerly instead. Reads that bypass the
+       dispatcher (.tolist(), .numpy()) are not seen: the decode step has none.
 """
 import logging
 
@@ -110,6 +112,9 @@ class _Recorder(TorchDispatchMode):
         results = out if isinstance(out, (tuple, list)) else (out,)
         if func._schema.name in _ALLOCATIONS or torch.Tag.inplace_view in func.tags or _views(func, args, results):
             return out  # aliases recorded storage: nothing to replay
+        if any(str(r.type) != "Tensor" for r in func._schema.returns):
+            # the plan copies each returned Tensor into its recorded one; a list or a number it cannot
+            raise NotCapturable(f"{func} returns {', '.join(str(r.type) for r in func._schema.returns)}")
         try:
             self.plan.add(func._schema.name, func._schema.overload_name, _arguments(func, args, kwargs),
                           [t for t in results if isinstance(t, torch.Tensor)])

@@ -7,6 +7,7 @@ import ctypes
 import functools
 import os
 import sys
+from pathlib import Path
 
 _MADV_HUGEPAGE = 14  # Linux's value
 _HUGE_PAGE = 2 << 20
@@ -35,6 +36,16 @@ def ask_for_huge_pages(t):
     end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
     if end - start >= _HUGE_PAGE:
         madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+
+
+def l3_bytes():
+    """The CPU's L3 size in bytes (/sys/devices/system/cpu/cpu0/cache/index3/size), or None if unknown."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        return int(text.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        return None
 
 
 def return_free_heap():

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import memory, ops, quant, rope
+from .quant import QuantizedTensor  # (Model.load's `quant` argument shadows the module there)
 from .cache import KVCache
 from .weights import open_checkpoint
 
@@ -257,24 +258,33 @@ def _is_matrix(name):
     return name in ("embed", "lm_head", "pos_embed") or name.endswith(".weight") and name.split(".")[-2] in _MATRICES
 
 
-def _storage(c, ckpt, sources, names, keep, quantize):
-    """name -> None (dense) or the [(format, rows)] runs of its QuantizedTensor(s), from the checkpoint's
-    metadata alone, so an unsupported type or shape fails before any weight is read."""
-    out = {}
+def _storage(c, ckpt, sources, shapes, names, keep, quantize):
+    """name -> None (dense) or the [(format, rows)] runs of its QuantizedTensor(s), and the set of names
+    kept as stored in the file, from the checkpoint's metadata alone: an unsupported type or shape
+    fails before any weight is read."""
+    out, kept = {}, set()
     for name in names:
         how, parts = sources[name]
         stored = [ckpt.quantized_format(p) for p in parts] if keep and _is_matrix(name) else [None]
-        if any(f is not None for f in stored):
+        if all(f is not None for f in stored):
+            part_shapes = [ckpt.quantized_shape(p) for p in parts]
+            for _, cols in part_shapes:
+                _check_shape(c, name, parts, (sum(rows for rows, _ in part_shapes), cols), shapes)
             # several formats in one fused weight, e.g. Q4_K_M: q and k Q4_K, v Q6_K
-            out[name] = quant.runs([(f, ckpt.quantized_shape(p)[0]) for f, p in zip(stored, parts)])
-        elif quantize is not None and _is_matrix(name):
+            out[name] = quant.runs([(f, rows) for f, (rows, _) in zip(stored, part_shapes)])
+            kept.add(name)
+            continue
+        if any(f is not None for f in stored):  # dense and quantized parts in one fused weight
+            ops.log.info("fuselm: %s has dense and quantized parts (%s); the fused weight is dense", name,
+                         ", ".join(f"{p}: {f or 'dense'}" for p, f in zip(parts, stored)))
+        if quantize is not None and _is_matrix(name):
             # the embedding and output rows stay in Q8_0 (llama.cpp's choice for small-row formats)
             fmt = "Q8_0" if name in ("embed", "lm_head", "pos_embed") else quantize
-            quant.check_shape(quant.FORMATS[fmt], _expected_shapes(c)[name], " + ".join(parts))
-            out[name] = [(fmt, _expected_shapes(c)[name][0])]
+            quant.check_shape(quant.FORMATS[fmt], shapes[name], " + ".join(parts))
+            out[name] = [(fmt, shapes[name][0])]
         else:
             out[name] = None
-    return out
+    return out, kept
 
 
 def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None):
@@ -289,27 +299,27 @@ def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None):
     sources = _sources(c, set(ckpt.names()))
     tied = sources["lm_head"][1] == sources["embed"][1]
     names = [n for n in shapes if not (tied and n == "lm_head")]
-    storage = _storage(c, ckpt, sources, names, keep, quantize)
-    slots = _slots({n: shapes[n] for n in names if storage[n] is None}, dtype, device)
-    tile_slots = _tile_slots({n: [quant.tiles_shape(quant.FORMATS[f], (rows, shapes[n][1])) for f, rows in r]
-                              for n, r in storage.items() if r is not None})
+    storage, kept = _storage(c, ckpt, sources, shapes, names, keep, quantize)
+    dense = _slots({n: [shapes[n]] for n in names if storage[n] is None}, dtype, device)
+    tiles = _slots({n: [quant.tiles_shape(quant.FORMATS[f], (rows, shapes[n][1])) for f, rows in r]
+                    for n, r in storage.items() if r is not None}, torch.uint8, device)
     weights = {}
     for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr):
         how, parts = sources[name]
-        if storage[name] is not None and any(ckpt.quantized_format(p) for p in parts):
+        if name in kept:
             w = quant.concat_rows([ckpt.get_quantized(p) for p in parts], name)
         else:
             tensors = [ckpt.get(p, dtype if storage[name] is None else torch.float32, device) for p in parts]
             w = torch.cat(tensors) if how == "cat" else tensors[0].t().contiguous() if how == "conv1d" else tensors[0]
-            if storage[name] is not None:
-                w = quant.quantize(_check_shape(c, name, parts, w), storage[name][0][0], name)
             del tensors  # free the staging copies before the next tensor is read
-        _check_shape(c, name, parts, w)
+            if storage[name] is not None:
+                _check_shape(c, name, parts, w.shape, shapes)
+                w = quant.quantize(w, storage[name][0][0], name)
+        _check_shape(c, name, parts, w.shape, shapes)
         if storage[name] is None:
-            weights[name] = slots[name].copy_(w)
+            weights[name] = dense[name][0].copy_(w)
         else:
-            out = tile_slots[name]
-            weights[name] = w.pack(out=out if isinstance(w, quant.QuantizedStack) else out[0])
+            weights[name] = w.pack(out=tiles[name] if isinstance(w, quant.QuantizedStack) else tiles[name][0])
         del w
         memory.return_free_heap()
     if tied:
@@ -317,47 +327,35 @@ def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None):
     return weights
 
 
-def _check_shape(c, name, parts, t):
-    if tuple(t.shape) != _expected_shapes(c)[name]:
-        raise ValueError(f"tensor {' + '.join(parts)} has shape {tuple(t.shape)}, but the config "
+def _check_shape(c, name, parts, shape, shapes):
+    if tuple(shape) != shapes[name]:
+        raise ValueError(f"tensor {' + '.join(parts)} has shape {tuple(shape)}, but the config "
                          f"({c.arch}, hidden {c.hidden_size}, heads {c.num_heads}/{c.num_kv_heads}) "
-                         f"needs {_expected_shapes(c)[name]}")
-    return t
+                         f"needs {shapes[name]}")
 
 
 _ALIGN = 64  # bytes: every weight starts on a cache line (the native GEMV and 16-byte vector loads rely on it)
 
 
 def _slots(shapes, dtype, device):
-    """Views of one allocation, one per weight. A big allocation is memory-mapped lazily, so resident
-    memory grows only as each weight is written, and no per-weight allocations fragment the heap
-    (SmolLM2 in float32: load peak 850 -> 810 MB)."""
+    """{name: [shape, ...]} -> {name: [view, ...]}: views of one allocation, each on a cache line. A big
+    allocation is memory-mapped lazily, so resident memory grows only as each weight is written, and
+    no per-weight allocations fragment the heap (SmolLM2 in float32: load peak 850 -> 810 MB). On the
+    CPU it is marked for transparent huge pages before it is written: decode streams every weight per
+    token (the native GEMV ran at 16.5 GB/s on 4 KiB pages and 29.9 GB/s on 2 MiB ones, one thread),
+    and SmolLM2's quantized layer weights are each smaller than one huge page."""
     align = _ALIGN // torch.empty((), dtype=dtype).element_size()
     offsets, total = {}, 0
-    for name, shape in shapes.items():
-        offsets[name] = total
-        total += -(-math.prod(shape) // align) * align
+    for name, views in shapes.items():
+        offsets[name] = []
+        for shape in views:
+            offsets[name].append(total)
+            total += -(-math.prod(shape) // align) * align
     flat = torch.empty(total, dtype=dtype, device=device)
     if flat.device.type == "cpu":
         memory.ask_for_huge_pages(flat)
-    return {name: flat[o:o + math.prod(shapes[name])].view(shapes[name]) for name, o in offsets.items()}
-
-
-def _tile_slots(shapes):
-    """Views of one CPU allocation for the quantized weights' tiles: name -> one uint8 tensor per run of
-    shape [tiles, tile bytes]. On huge pages like the dense weights: the native GEMV ran at 16.5 GB/s
-    on 4 KiB pages and 29.9 GB/s on 2 MiB ones (one thread), and SmolLM2's layer weights are each
-    smaller than one huge page, so only a shared allocation gets them."""
-    total = sum(math.prod(s) for runs in shapes.values() for s in runs)
-    flat = torch.empty(total, dtype=torch.uint8)
-    memory.ask_for_huge_pages(flat)
-    out, at = {}, 0
-    for name, runs in shapes.items():
-        out[name] = []
-        for s in runs:
-            out[name].append(flat[at:at + math.prod(s)].view(s))
-            at += math.prod(s)
-    return out
+    return {name: [flat[o:o + math.prod(shape)].view(shape) for o, shape in zip(offsets[name], shapes[name])]
+            for name in shapes}
 
 
 QUANT_MODES = ("keep", "dequantize")
@@ -424,14 +422,21 @@ class Model:
         # quantized matmuls exist on the CPU's native backend only (GPU kernels: a later issue)
         keep = quant == "keep" and resolved["linear"] == "native"
         if quant == "keep" and not keep:
-            ops.log.info("fuselm: linear runs on backend %r on %s, which has no quantized matmul: GGUF blocks are "
-                         "dequantized to %s at load", resolved["linear"], device.type, str(dtype)[6:])
+            ops.log.warning("fuselm: linear runs on backend %r on %s, which has no quantized matmul: any GGUF "
+                            "blocks are dequantized to %s at load", resolved["linear"], device.type, str(dtype)[6:])
         if quantize is not None and not keep:
             raise ValueError(f"quantize={quantize.lower()!r} needs the native CPU kernels, but linear runs on backend "
                              f"{resolved['linear']!r} on {device.type}")
         ckpt = open_checkpoint(source)
         tokenizer = ckpt.tokenizer()
         weights = load_weights(ckpt, dtype, device, progress, keep=keep, quantize=quantize)
+        if resolved["linear"] == "native" and backend == "auto":
+            from . import tuning
+            tuning.prepare({n: w for n, w in weights.items() if n not in ("embed", "pos_embed")})
+        if keep and any(isinstance(w, QuantizedTensor) for w in weights.values()):
+            ops.log.info("fuselm: quantized matmuls on the %s path (%s)", torch.ops.fuselm.quant_isa(),
+                         "64+ rows: dequantized into torch's GEMM" if torch.ops.fuselm.quant_isa() == "avx512vnni"
+                         else "the integer kernel at every row count")
         model = cls(Transformer(ckpt.config, weights, backends, device, dtype), tokenizer,
                     native="native" in resolved.values())
         if progress:

@@ -20,6 +20,7 @@ attention and decode_attention (on GPUs those run on backend 'torch' or 'triton'
 their fake (shape) functions below let torch.compile trace them. None of the CUDA
 ops syncs with the host, so they can be captured in a CUDA graph.
 """
+import logging
 import os
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .quant import QuantizedTensor
+from .quant import QuantizedStack, QuantizedTensor
 
 NAME = "fuselm_native"
 # One place for what gets compiled and how.
@@ -37,8 +38,10 @@ CPU_SOURCES = ("library.cpp", "cpu_vec.cpp", "norm_cpu.cpp", "sampling_cpu.cpp",
 CUDA_SOURCES = ("norm_cuda.cu", "sampling_cuda.cu")
 # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` does nothing without it
 # (every native op ran on one thread until it was added); it links the libgomp torch already loaded.
-CFLAGS = ["-O3", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+# A compiler without OpenMP (Apple clang) builds with -fopenmp-simd instead: one thread, and a warning.
+CFLAGS = ["-O3"]
+OPENMP = (["-fopenmp"], ["-fopenmp"])
+NO_OPENMP = (["-fopenmp-simd"], [])
 CUDA_FLAGS = [
     "-O3",
     "-gencode=arch=compute_80,code=[sm_80,compute_80]",  # A100 (+ PTX for later GPUs)
@@ -148,9 +151,13 @@ def _compile(name, build_dir, cuda, verbose):
     src = source_dir()
     sources = [str(src / f) for f in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
     print("building fuselm native extension (first use, ~1 min)...", flush=True)
+    cflags, ldflags = OPENMP if _compiles_with_openmp() else NO_OPENMP
+    if cflags != OPENMP[0]:
+        logging.getLogger("fuselm").warning("fuselm: the C++ compiler has no OpenMP (-fopenmp): the native ops "
+                                            "will run on one thread")
     try:
         cpp_extension.load(
-            name=name, sources=sources, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+            name=name, sources=sources, extra_cflags=CFLAGS + cflags, extra_ldflags=ldflags,
             extra_cuda_cflags=CUDA_FLAGS if cuda else None,
             extra_include_paths=[str(src)], build_directory=build_dir, with_cuda=cuda, is_python_module=False,
             verbose=verbose)
@@ -158,9 +165,21 @@ def _compile(name, build_dir, cuda, verbose):
         raise RuntimeError(f"building the fuselm native extension in {build_dir} failed: {e}") from e
 
 
+def _compiles_with_openmp():
+    """Whether $CXX (else c++) compiles and links an OpenMP program."""
+    import tempfile
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp, "probe.cpp")
+        source.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        result = subprocess.run([cxx, "-fopenmp", str(source), "-o", str(Path(tmp, "probe"))],
+                                capture_output=True)
+    return result.returncode == 0
+
+
 def _register_fakes():
     """Shape functions for torch.compile / FakeTensor: outputs are fresh contiguous tensors."""
-    def norm(x, *args):
+    def same_shape(x, *args):
         return x.new_empty(x.shape)
 
     def norm_residual(x, *args):
@@ -187,8 +206,8 @@ def _register_fakes():
     def store_kv(k_cache, v_cache, k, v, slots):
         return None
 
-    for op, fn in (("rope", norm), ("silu_mul", silu_mul), ("gelu_tanh", norm), ("store_kv", store_kv),
-                   ("rms_norm", norm), ("rms_norm.residual", norm_residual), ("layer_norm", norm),
+    for op, fn in (("rope", same_shape), ("silu_mul", silu_mul), ("gelu_tanh", same_shape), ("store_kv", store_kv),
+                   ("rms_norm", same_shape), ("rms_norm.residual", norm_residual), ("layer_norm", same_shape),
                    ("layer_norm.residual", norm_residual), ("sample", sample), ("linear", linear),
                    ("attention", attention), ("decode_attention", attention), ("qlinear", qlinear),
                    ("qembedding", qembedding)):
@@ -252,11 +271,12 @@ def linear(x, weight, bias=None, out_dtype=None):
     integer dot products (csrc/quant_cpu.cpp); from 64 rows on (prefill) AVX-512 machines dequantize
     the weight chunk by chunk for torch's bf16 GEMM instead. Either way a row's result does not
     depend on the other rows up to 32 (dense) or 63 (quantized) rows (batch invariant)."""
+    if isinstance(weight, QuantizedStack):
+        raise ValueError(f"tensor {weight.name} holds parts in several formats; fuselm.ops.linear runs them")
     if isinstance(weight, QuantizedTensor):
-        if weight.tiles is None:
-            raise ValueError(f"tensor {weight.name} is not packed for the native kernels; call .pack() first")
-        _check_cpu("linear", "backend='torch'", x=x, tiles=weight.tiles, bias=bias)
-        return _ops(x.device).qlinear(x, weight.tiles, weight.fmt.code, weight.shape[0], bias, out_dtype)
+        tiles = weight.require("tiles")
+        _check_cpu("linear", "backend='torch'", x=x, tiles=tiles, bias=bias)
+        return _ops(x.device).qlinear(x, tiles, weight.fmt.code, weight.shape[0], bias, out_dtype)
     _check_cpu("linear", "backend='torch' (F.linear)", x=x, weight=weight, bias=bias)
     return _ops(x.device).linear(x, weight, bias, out_dtype)
 
@@ -265,8 +285,9 @@ def embedding(tokens, table, dtype=None):
     """Rows `tokens` of table [V, H] -> [*tokens.shape, H] on the CPU. Quantized tables (packed) are
     dequantized row by row exactly as fuselm.reference.dequantize does; dense ones are gathered."""
     if isinstance(table, QuantizedTensor):
-        _check_cpu("embedding", "backend='torch'", tokens=tokens, tiles=table.tiles)
-        return _ops(tokens.device).qembedding(tokens, table.tiles, table.fmt.code, table.shape[0], table.shape[1],
+        tiles = table.require("tiles")
+        _check_cpu("embedding", "backend='torch'", tokens=tokens, tiles=tiles)
+        return _ops(tokens.device).qembedding(tokens, tiles, table.fmt.code, table.shape[0], table.shape[1],
                                               dtype or torch.float32)
     from . import reference
     return reference.embedding(tokens, table, dtype)

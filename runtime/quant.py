@@ -22,6 +22,7 @@ block b of the row, a tile holds, in planes:
   float16 d per superblock and int8 scale per 16 weights for Q6_K.
 The bytes equal the GGUF file's (Q4_K/Q5_K: +2.8%/2.3%: their 6-bit scales unpacked to bytes).
 """
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -109,12 +110,19 @@ class QuantizedTensor:
     def __repr__(self):
         return f"QuantizedTensor({self.fmt.name}, shape={self.shape}, {self.nbytes / 2**20:.1f} MiB)"
 
-    def dequantize(self, dtype=torch.float32):
-        """The weights as a dense [N, K] tensor (reference.dequantize: bit-exact with gguf)."""
-        if self.raw is None:
+    def require(self, layout):
+        """`raw` or `tiles`, with a clear error when this tensor does not hold it."""
+        data = getattr(self, layout)
+        if data is None and layout == "raw":
             raise ValueError(f"tensor {self.name} keeps only the native tile layout (packed at load); "
                              "load with quant='dequantize' for dense weights")
-        return reference.dequantize(self.fmt.name, self.raw, self.shape).to(dtype)
+        if data is None:
+            raise ValueError(f"tensor {self.name} is not packed for the native kernels; call .pack() first")
+        return data
+
+    def dequantize(self, dtype=torch.float32):
+        """The weights as a dense [N, K] tensor (reference.dequantize: bit-exact with gguf)."""
+        return reference.dequantize(self.fmt.name, self.require("raw"), self.shape).to(dtype)
 
     def pack(self, keep_raw=False, out=None):
         """Build the native kernels' tiles from `raw` (once), into `out` if given (see tiles_shape);
@@ -138,10 +146,6 @@ class QuantizedStack:
     def device(self):
         return self.parts[0].device
 
-    @property
-    def nbytes(self):
-        return sum(p.nbytes for p in self.parts)
-
     def pack(self, keep_raw=False, out=None):
         """out: None or one tensor per part."""
         for p, o in zip(self.parts, out or [None] * len(self.parts)):
@@ -154,13 +158,7 @@ class QuantizedStack:
 
 def runs(parts):
     """[(format, rows)] of consecutive parts sharing a format: the QuantizedTensors concat_rows makes."""
-    out = []
-    for fmt, rows in parts:
-        if out and out[-1][0] == fmt:
-            out[-1] = (fmt, out[-1][1] + rows)
-        else:
-            out.append((fmt, rows))
-    return out
+    return [(fmt, sum(rows for _, rows in group)) for fmt, group in itertools.groupby(parts, key=lambda p: p[0])]
 
 
 def concat_rows(parts, name):
@@ -169,17 +167,15 @@ def concat_rows(parts, name):
     K = parts[0].shape[1]
     if any(p.shape[1] != K for p in parts):
         raise ValueError(f"tensor {name}: parts {', '.join(p.name for p in parts)} have different row lengths")
-    if len(parts) > 1 and any(p.raw is None for p in parts):
+    if len(parts) == 1:
+        return parts[0]
+    if any(p.raw is None for p in parts):
         raise ValueError(f"tensor {name}: concat_rows joins GGUF rows; parts already packed without them cannot be")
-    runs = []
-    for p in parts:
-        if runs and runs[-1][-1].fmt == p.fmt:
-            runs[-1].append(p)
-        else:
-            runs.append([p])
-    joined = [run[0] if len(run) == 1 else QuantizedTensor(run[0].fmt, (sum(p.shape[0] for p in run), K),
-                                                           torch.cat([p.raw for p in run]), name=name)
-              for run in runs]
+    joined = []
+    for fmt, group in itertools.groupby(parts, key=lambda p: p.fmt):
+        run = list(group)
+        joined.append(run[0] if len(run) == 1 else QuantizedTensor(
+            fmt, (sum(p.shape[0] for p in run), K), torch.cat([p.raw for p in run]), name=name))
     return joined[0] if len(joined) == 1 else QuantizedStack(joined, name)
 
 

@@ -160,7 +160,7 @@ def embedding(tokens, table, dtype=None):
     """Rows `tokens` of table [V, H] (dense or quantized) -> [*tokens.shape, H] in dtype (default the
     table's; float32 for a quantized one)."""
     if _is_quantized(table):
-        raw = table.raw[tokens.reshape(-1)]
+        raw = table.require("raw")[tokens.reshape(-1)]
         rows = dequantize(table.fmt.name, raw, (raw.shape[0], table.shape[1]))
         return rows.reshape(*tokens.shape, table.shape[1]).to(dtype or torch.float32)
     out = torch.nn.functional.embedding(tokens, table)

@@ -1,11 +1,13 @@
 """auto's measured choice between the native CPU GEMV and torch's F.linear for dense weights.
 
 Which one is faster depends on the machine: on one 2-core AMD EPYC the native GEMV streamed
-SmolLM2's float32 lm_head faster than MKL, on an Intel Xeon slower (2026-12-01). So the first
-time auto meets a dense (dtype, N, K) with a number of rows in one of the decode buckets, both
-run on weights of that shape streamed from memory (as in decode: copies cycled through a buffer
-of at least twice the L3 size) in alternating rounds, and the faster one is kept for the rest of
-the process; ties go to torch. A quantized weight needs no choice: only native multiplies it.
+SmolLM2's float32 lm_head faster than MKL, on an Intel Xeon slower (2026-12-01). So for each
+dense (dtype, N, K) and number of rows in one of the decode buckets, both run on weights of that
+shape streamed from memory (as in decode: copies cycled through a buffer of twice the L3 size,
+at least 64 MiB) in alternating rounds, and the faster one is kept for the rest of the process;
+ties go to torch. Model.load measures its matrices for one row (decode's first bucket) so the
+first generate does not; other buckets are measured when first met. A quantized weight needs no
+choice: only native multiplies it.
 """
 import logging
 import os
@@ -16,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 
+from . import memory
+
 log = logging.getLogger("fuselm")
 
 _BUCKETS = (1, 4, 16, 32)      # rows of x measured: the first bucket >= M stands for M
 _MAX_ROWS = _BUCKETS[-1]       # past it the native op calls torch's GEMM itself
-_STREAM_BYTES = 64 << 20       # weights cycled per round: twice a 32 MiB L3, so they come from memory
+_STREAM_BYTES = max(64 << 20, 2 * (memory.l3_bytes() or 0))  # weights cycled per round: from memory
 _MAX_COPIES = 512              # (tiny weights: a few MiB, in cache, as a tiny model's decode is)
 _ROUNDS = 5
 _choices = {}                  # (dtype, N, K, bucket) -> "native" | "torch"
@@ -37,6 +41,13 @@ def linear_backend(x, weight):
         with _disable_current_modes(), torch.inference_mode():  # not part of a recorded decode step
             _choices[key] = _measure(*key)
     return _choices[key]
+
+
+def prepare(weights):
+    """Measure the dense matrices of a model (a dict of tensors) for one row of x, as decode will."""
+    for w in {id(w): w for w in weights.values()}.values():
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type == "cpu":
+            linear_backend(w.new_empty(1, w.shape[1]), w)
 
 
 def _measure(dtype, N, K, M):

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import reference
 from .config import ModelConfig, from_gguf, from_hf, gguf_value
+from .quant import FORMATS
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -278,10 +280,9 @@ class GGUFCheckpoint(Checkpoint):
     def quantized_format(self, name):
         from gguf import GGMLQuantizationType as Q
 
-        from .quant import FORMATS
         t, _ = self._index[name]
-        if t.tensor_type in (Q.F32, Q.F16, Q.BF16, Q.F64):
-            return None
+        if t.tensor_type in (Q.F32, Q.F16, Q.BF16, Q.F64, Q.I8, Q.I16, Q.I32, Q.I64):
+            return None  # dense (integer tensors are refused when read, as no weight type)
         if t.tensor_type.name not in FORMATS:
             raise ValueError(f"tensor {t.name} ({name}) in {self.path} is {t.tensor_type.name}, which fuselm cannot "
                              f"keep quantized (it keeps {', '.join(FORMATS)}); load with quant='dequantize' to "
@@ -341,9 +342,13 @@ class GGUFCheckpoint(Checkpoint):
         row_len = int(t.shape[0])
         out = torch.empty(blocks.shape[0], row_len, dtype=dtype)
         step = max(1, _DEQUANT_CHUNK // row_len)
+        fmt = t.tensor_type.name
         try:
             for i in range(0, blocks.shape[0], step):
-                out[i:i + step] = torch.from_numpy(dequantize(blocks[i:i + step], t.tensor_type))
+                # the formats fuselm keeps quantized dequantize through its oracle (bit-exact with gguf's)
+                chunk = torch.from_numpy(blocks[i:i + step])
+                out[i:i + step] = (reference.dequantize(fmt, chunk, (chunk.shape[0], row_len)) if fmt in FORMATS
+                                   else torch.from_numpy(dequantize(blocks[i:i + step], t.tensor_type)))
         except NotImplementedError:
             raise ValueError(f"tensor {t.name} ({name}) in {self.path} uses quantization type "
                              f"{t.tensor_type.name}, which gguf cannot dequantize") from None

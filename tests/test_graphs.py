@@ -115,26 +115,29 @@ def test_aten_operators_replay_with_their_arguments():
         "aten::sum.dim_IntList", "aten::mean", "aten::add.Tensor"]
 
 
-@pytest.mark.parametrize("bad", [lambda x: x + torch.rand_like(x), lambda x: x * float(x.sum())])
+@pytest.mark.parametrize("bad", [lambda x: x.uniform_(), lambda x: x.mul_(float(x.sum())),
+                                 lambda x: torch._foreach_mul([x], 2.0)])
 def test_operators_a_replay_cannot_repeat_are_refused_before_they_run(bad):
+    """A random draw, a host read, and an operator returning a list (the plan copies tensors only)."""
     native.build()
     x = torch.ones(3)
     with pytest.raises(graphs.NotCapturable):
         with graphs._Recorder(torch.classes.fuselm.Plan()):
             bad(x)
+    assert torch.equal(x, torch.ones(3))
 
 
 def test_generate_runs_eagerly_when_the_step_cannot_be_recorded(tmp_path, monkeypatch, caplog):
     m = fuselm.load(save_tiny_model("llama", tmp_path), dtype="float32", device="cpu", progress=False)
     prompts = ["hello world", "a longer prompt"]
     expected = m.generate(prompts, max_new_tokens=10)
-    decode = type(m.net).decode
+    lm_head = type(m.net)._lm_head
 
-    def decode_with_a_host_read(self, tokens, cache):
-        float(cache.seqlens.sum())  # a host sync: not capturable
-        return decode(self, tokens, cache)
+    def lm_head_with_a_host_read(self, h):
+        float(h.sum())  # a host sync, not capturable, after the step's cache writes and seqlens.add_
+        return lm_head(self, h)
 
-    monkeypatch.setattr(type(m.net), "decode", decode_with_a_host_read)
+    monkeypatch.setattr(type(m.net), "_lm_head", lm_head_with_a_host_read)
     with caplog.at_level(logging.WARNING, logger="fuselm"):
         assert m.generate(prompts, max_new_tokens=10) == expected
     assert "runs eagerly" in caplog.text

@@ -447,9 +447,10 @@ U_BF16 = 2.0 ** -8
 
 def gemm_bound(x, qt, bias, out_dtype):
     """The prefill path's bound: the weight dequantized, w' = fl(s q + m) (one fused multiply-add,
-    relative error <= u), then x and w' rounded to bfloat16 (<= 2^-8 each; on CPUs without bf16
-    float32 is used and these terms only overestimate) and multiplied by torch's GEMM, which
-    accumulates in float32 in an order of its own: gamma_K on sum |x^ w^|. Then bias and output
+    relative error <= u), then multiplied by torch's GEMM in x's precision, accumulating in float32
+    in an order of its own: gamma_K on sum |x^ w^|. bfloat16 x: w' rounded to bfloat16 too (<= 2^-8;
+    on CPUs without bf16 float32 is used and the term only overestimates) and the GEMM's bfloat16
+    result rounded once more before the copy to out_dtype (2^-8 of |y|). Then bias and output
     rounding as in linear_bound. The reference's weight fl(fl(s q) + m) differs from s q + m by
     |w - (s q + m)|, computed exactly in float64. Returns (y_ref, bound) [M, N]."""
     N, K = qt.shape
@@ -459,10 +460,13 @@ def gemm_bound(x, qt, bias, out_dtype):
     wd = sq + m
     b = torch.zeros(N, dtype=torch.float64) if bias is None else bias.double()
     y_ref = xd @ w.T + b
-    rounding = (1 + U32) * (1 + U_BF16) ** 2 - 1
+    bf16 = x.dtype == torch.bfloat16
+    rounding = (1 + U32) * (1 + (U_BF16 if bf16 else U32)) - 1
     gamma = (K + 2) * U32 / (1 - (K + 2) * U32)
     mags = xd.abs() @ wd.abs().T
     kernel = xd.abs() @ (wd - w).abs().T + (rounding + gamma * (1 + rounding)) * mags + U32 * b.abs()
+    if bf16:
+        kernel = kernel + U_BF16 * (y_ref.abs() + kernel)
     return y_ref, kernel + OUT_U[out_dtype] * (y_ref.abs() + kernel) + OUT_TINY[out_dtype]
 
 
@@ -570,9 +574,10 @@ def test_batch_invariance(fuselm_ops, fmt, N, K):
 ISA_CHECK = """
 import torch
 from fuselm import native
-from tests.test_quant import FORMATS, check_linear, check_linear_exact
+from tests.test_quant import FORMATS, check_linear, check_linear_exact, test_linear_prefill_rows
 native.build()
 for fmt in FORMATS:
+    test_linear_prefill_rows(None, fmt)  # 64+ rows: the GEMM path on avx512vnni, the integer loop elsewhere
     for N, blocks, M, dtype in ((1, 1, 1, torch.float32), (5, 3, 9, torch.bfloat16), (33, 2, 17, torch.float16),
                                 (6, 1, 40, torch.float32)):
         K = blocks * (256 if fmt.endswith("K") else 32)
