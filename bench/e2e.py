@@ -399,8 +399,9 @@ def step_split(model, contexts, reps=20):
                 for name, seconds in by.items():
                     per_op[name].append(seconds)
         med = {name: statistics.median(v) * 1e3 for name, v in per_op.items()}
-        step, mm = sum(med.values()), sum(v for n, v in med.items() if n in MATMULS)
-        top = sorted(((n, v) for n, v in med.items() if n not in MATMULS), key=lambda kv: -kv[1])[:4]
+        is_matmul = lambda name: name.split(".")[0] in MATMULS  # noqa: E731  (any overload, .out included)
+        step, mm = sum(med.values()), sum(v for n, v in med.items() if is_matmul(n))
+        top = sorted(((n, v) for n, v in med.items() if not is_matmul(n)), key=lambda kv: -kv[1])[:4]
         out.append({"context": ctx, "step_ms": step, "matmul_ms": mm, "outside_pct": 100 * (1 - mm / step),
                     "top": {n: round(v, 3) for n, v in top}})
     return out

@@ -446,11 +446,10 @@ void check_kv(const char* op, const at::Tensor& q, int64_t q_heads, const at::Te
               ") must be a multiple of key/value heads (", k.size(2), ")");
 }
 
-// Fills everything but the q pointer/strides, lo, hi and causal; runs p on the output.
-at::Tensor launch(Problem& p, const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
-                  std::optional<double> scale) {
+// Fills everything but the q pointer/strides, lo, hi and causal; runs p into out (q's shape, contiguous).
+at::Tensor& launch(Problem& p, const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
+                   std::optional<double> scale, at::Tensor& out) {
   const at::Tensor k = unit_last(k_in), v = unit_last(v_in);
-  at::Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;
   p.k = k.const_data_ptr();
   p.v = v.const_data_ptr();
@@ -484,12 +483,13 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tens
   p.q_b = q.stride(0), p.q_i = q.stride(1), p.q_h = q.stride(2);
   p.lo = lo.data(), p.hi = hi.data();
   p.causal = causal;
-  return launch(p, q, k, v, scale);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  return launch(p, q, k, v, scale, out);
 }
 
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& seqlens, std::optional<double> scale,
-                            const std::optional<at::Tensor>& kv_start) {
+at::Tensor& decode_attention_into(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& seqlens, std::optional<double> scale,
+                                  const std::optional<at::Tensor>& kv_start, at::Tensor& out) {
   constexpr const char* op = "fuselm::decode_attention";
   check_float(op, "q", q_in);
   TORCH_CHECK(q_in.dim() == 3, op, ": q must be [B, H, D], got shape ", q_in.sizes());
@@ -504,7 +504,15 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
   p.q_b = q.stride(0), p.q_i = 0, p.q_h = q.stride(1);
   p.lo = lo.data(), p.hi = hi.data();
   p.causal = false;
-  return launch(p, q, k_cache, v_cache, scale);
+  check_out(op, "out", out, q_in.sizes(), q_in.scalar_type(), q_in);
+  return launch(p, q, k_cache, v_cache, scale, out);
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& seqlens, std::optional<double> scale,
+                            const std::optional<at::Tensor>& kv_start) {
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  return decode_attention_into(q, k_cache, v_cache, seqlens, scale, kv_start, out);
 }
 
 }  // namespace
@@ -513,4 +521,5 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
 TORCH_LIBRARY_IMPL(fuselm, CPU, m) {
   m.impl("attention", &fuselm::attention);
   m.impl("decode_attention", &fuselm::decode_attention);
+  m.impl("decode_attention.out", &fuselm::decode_attention_into);
 }

@@ -56,6 +56,15 @@ inline at::ScalarType check_out_dtype(const char* op, std::optional<at::ScalarTy
   return d;
 }
 
+// An out= argument: what the op would return (sizes, dtype, x's device), contiguous. The plan that
+// replays a decode step (plan_cpu.cpp) passes the tensors a recorded call returned.
+inline void check_out(const char* op, const char* name, const at::Tensor& out, at::IntArrayRef sizes,
+                      at::ScalarType dtype, const at::Tensor& x) {
+  TORCH_CHECK(out.sizes() == sizes && out.scalar_type() == dtype && out.device() == x.device() && out.is_contiguous(),
+              op, ": ", name, " must be a contiguous ", dtype, " tensor of shape ", sizes, " on ", x.device(), ", got ",
+              out.scalar_type(), " ", out.sizes(), out.is_contiguous() ? "" : " (not contiguous)", " on ", out.device());
+}
+
 // [..., cols] -> [rows, cols] with unit column stride: a view when the layout allows, else a copy.
 inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
   at::Tensor rows = t.reshape({-1, cols});

@@ -97,17 +97,51 @@ void norm_rows(const NormInputs& in, bool rms, double eps, at::Tensor& y, at::Te
   });
 }
 
+// Into y (and h with a residual): contiguous tensors of x's shape and dtype.
+void norm_into(const char* op, bool rms, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+               const at::Tensor& weight, const std::optional<at::Tensor>& bias, double eps, at::Tensor& y,
+               at::Tensor& h) {
+  const NormInputs in = norm_inputs(op, x, residual, weight, bias);
+  check_out(op, "out", y, x.sizes(), x.scalar_type(), x);
+  if (residual.has_value()) check_out(op, "out_h", h, x.sizes(), x.scalar_type(), x);
+  dispatch_float(x.scalar_type(), [&](auto tag) { norm_rows<decltype(tag)>(in, rms, eps, y, h); });
+}
+
 std::tuple<at::Tensor, at::Tensor> norm(const char* op, bool rms, const at::Tensor& x,
                                         const std::optional<at::Tensor>& residual, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, double eps) {
-  const NormInputs in = norm_inputs(op, x, residual, weight, bias);
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor h = residual.has_value() ? at::empty(x.sizes(), x.options()) : at::Tensor();
-  dispatch_float(x.scalar_type(), [&](auto tag) { norm_rows<decltype(tag)>(in, rms, eps, y, h); });
+  norm_into(op, rms, x, residual, weight, bias, eps, y, h);
   return {y, h};
 }
 
 }  // namespace
 }  // namespace fuselm
 
-TORCH_LIBRARY_IMPL(fuselm, CPU, m) { fuselm::register_norms<fuselm::norm>(m); }
+TORCH_LIBRARY_IMPL(fuselm, CPU, m) {
+  using fuselm::norm_into;
+  fuselm::register_norms<fuselm::norm>(m);
+  m.impl("rms_norm.out", [](const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) -> at::Tensor& {
+    at::Tensor none;
+    norm_into("fuselm::rms_norm", true, x, std::nullopt, weight, std::nullopt, eps, out, none);
+    return out;
+  });
+  m.impl("rms_norm.residual_out", [](const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                     double eps, at::Tensor& out, at::Tensor& out_h) {
+    norm_into("fuselm::rms_norm", true, x, residual, weight, std::nullopt, eps, out, out_h);
+    return std::tuple<at::Tensor&, at::Tensor&>(out, out_h);
+  });
+  m.impl("layer_norm.out", [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              double eps, at::Tensor& out) -> at::Tensor& {
+    at::Tensor none;
+    norm_into("fuselm::layer_norm", false, x, std::nullopt, weight, bias, eps, out, none);
+    return out;
+  });
+  m.impl("layer_norm.residual_out", [](const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, double eps, at::Tensor& out,
+                                       at::Tensor& out_h) {
+    norm_into("fuselm::layer_norm", false, x, residual, weight, bias, eps, out, out_h);
+    return std::tuple<at::Tensor&, at::Tensor&>(out, out_h);
+  });
+}

@@ -45,7 +45,8 @@ void rope_rows(const T* x, int64_t ldx_row, int64_t ldx_head, const float* cos, 
   }
 }
 
-at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions) {
+at::Tensor& rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                      at::Tensor& y) {
   constexpr const char* op = "fuselm::rope";
   check_float(op, "x", x);
   TORCH_CHECK(x.device().is_cpu(), op, ": runs on the CPU only");
@@ -66,7 +67,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   const int64_t* p = pos.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK(p[r] >= 0 && p[r] < P, op, ": position ", p[r], " is outside the tables [0, ", P, ")");
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  check_out(op, "out", y, x.sizes(), x.scalar_type(), x);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     at::parallel_for(0, rows, grain(H * D), [&](int64_t r0, int64_t r1) {
@@ -76,6 +77,11 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
     });
   });
   return y;
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions) {
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  return rope_into(x, cos, sin, positions, y);
 }
 
 // Rows as float32 (converted through a per-task buffer unless already float32), then `fn` on them.
@@ -94,7 +100,7 @@ void float_rows(const T* x, int64_t ldx, int64_t cols, T* y, int64_t ldy, int64_
   }
 }
 
-at::Tensor silu_mul(const at::Tensor& x) {
+at::Tensor& silu_mul_into(const at::Tensor& x, at::Tensor& y) {
   constexpr const char* op = "fuselm::silu_mul";
   check_float(op, "x", x);
   TORCH_CHECK(x.device().is_cpu(), op, ": runs on the CPU only");
@@ -103,7 +109,7 @@ at::Tensor silu_mul(const at::Tensor& x) {
   const at::Tensor x2 = as_rows(x, 2 * I);
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = I;
-  at::Tensor y = at::empty(sizes, x.options());
+  check_out(op, "out", y, sizes, x.scalar_type(), x);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     at::parallel_for(0, x2.size(0), grain(2 * I), [&](int64_t r0, int64_t r1) {
@@ -114,14 +120,21 @@ at::Tensor silu_mul(const at::Tensor& x) {
   return y;
 }
 
-at::Tensor gelu_tanh(const at::Tensor& x) {
+at::Tensor silu_mul(const at::Tensor& x) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  if (!sizes.empty()) sizes.back() /= 2;
+  at::Tensor y = at::empty(sizes, x.options());
+  return silu_mul_into(x, y);
+}
+
+at::Tensor& gelu_tanh_into(const at::Tensor& x, at::Tensor& y) {
   constexpr const char* op = "fuselm::gelu_tanh";
   check_float(op, "x", x);
   TORCH_CHECK(x.device().is_cpu(), op, ": runs on the CPU only");
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim");
   const int64_t cols = std::max<int64_t>(1, x.size(-1));
   const at::Tensor x2 = as_rows(x, cols);
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  check_out(op, "out", y, x.sizes(), x.scalar_type(), x);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     at::parallel_for(0, x2.size(0), grain(cols), [&](int64_t r0, int64_t r1) {
@@ -133,11 +146,19 @@ at::Tensor gelu_tanh(const at::Tensor& x) {
   return y;
 }
 
+at::Tensor gelu_tanh(const at::Tensor& x) {
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  return gelu_tanh_into(x, y);
+}
+
 }  // namespace
 }  // namespace fuselm
 
 TORCH_LIBRARY_IMPL(fuselm, CPU, m) {
   m.impl("rope", &fuselm::rope);
+  m.impl("rope.out", &fuselm::rope_into);
   m.impl("silu_mul", &fuselm::silu_mul);
+  m.impl("silu_mul.out", &fuselm::silu_mul_into);
   m.impl("gelu_tanh", &fuselm::gelu_tanh);
+  m.impl("gelu_tanh.out", &fuselm::gelu_tanh_into);
 }

@@ -786,8 +786,9 @@ void qlinear_gemm(Fmt f, const Layout& L, const uint8_t* tiles, const at::Tensor
 #endif
 }
 
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& tiles, int64_t fmt, int64_t N,
-                   const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
+at::Tensor& qlinear_into(const at::Tensor& x, const at::Tensor& tiles, int64_t fmt, int64_t N,
+                         const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype,
+                         at::Tensor& y) {
   constexpr const char* op = "fuselm::qlinear";
   check_float(op, "x", x);
   TORCH_CHECK(x.device().is_cpu(), op, ": runs on the CPU only, x is on ", x.device());
@@ -804,7 +805,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& tiles, int64_t fmt, in
   }
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options().dtype(dtype));
+  check_out(op, "out", y, sizes, dtype, x);
   const int64_t M = x.numel() / K;
   if (M == 0) return y;
   const at::Tensor x2d = as_rows(x, K);
@@ -818,6 +819,16 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& tiles, int64_t fmt, in
                   b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), N, dtype};
   run(f, p);
   return y;
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& tiles, int64_t fmt, int64_t N,
+                   const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
+  check_float("fuselm::qlinear", "x", x);
+  TORCH_CHECK(x.dim() >= 1, "fuselm::qlinear: x must be [..., K], got a scalar");
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options().dtype(check_out_dtype("fuselm::qlinear", out_dtype, x)));
+  return qlinear_into(x, tiles, fmt, N, bias, out_dtype, y);
 }
 
 // Row n of the weight, dequantized as runtime/reference.py does (the same float32 operations in the
@@ -894,6 +905,7 @@ std::string quant_isa() { return kIsaNames[static_cast<int>(isa())]; }
 
 TORCH_LIBRARY_IMPL(fuselm, CPU, m) {
   m.impl("qlinear", &fuselm::qlinear);
+  m.impl("qlinear.out", &fuselm::qlinear_into);
   m.impl("qembedding", &fuselm::qembedding);
 }
 TORCH_LIBRARY_FRAGMENT(fuselm, m) {

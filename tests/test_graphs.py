@@ -141,3 +141,35 @@ def test_generate_runs_eagerly_when_the_step_cannot_be_recorded(tmp_path, monkey
     with caplog.at_level(logging.WARNING, logger="fuselm"):
         assert m.generate(prompts, max_new_tokens=10) == expected
     assert "runs eagerly" in caplog.text
+
+
+def test_out_forms_equal_the_functional_ops_and_check_their_out():
+    """The plan calls fuselm's out= forms with the tensors a recorded call returned: bitwise the
+    functional op's result, and a wrong out is refused with the op's name."""
+    from fuselm import quant, rope
+    native.build()
+    f = torch.ops.fuselm
+    x, r, w = torch.randn(2, 3, 64).bfloat16(), torch.randn(2, 3, 64).bfloat16(), torch.randn(64)
+    cos, sin = rope.tables(16, 10000.0, None, 8, "cpu")
+    qt = quant.quantize(torch.randn(40, 64), "Q4_1").pack()
+    k, v, lens = torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16), torch.tensor([9, 4], dtype=torch.int32)
+    cases = [
+        (f.rms_norm.default, f.rms_norm.out, (x, w, 1e-5)),
+        (f.rms_norm.residual, f.rms_norm.residual_out, (x, r, w, 1e-5)),
+        (f.layer_norm.default, f.layer_norm.out, (x, w, None, 1e-5)),
+        (f.layer_norm.residual, f.layer_norm.residual_out, (x, r, w, w, 1e-5)),
+        (f.silu_mul.default, f.silu_mul.out, (x,)),
+        (f.gelu_tanh.default, f.gelu_tanh.out, (x,)),
+        (f.rope.default, f.rope.out, (x.view(2, 3, 4, 16), cos, sin, torch.tensor([[0, 3, 7], [1, 1, 2]]))),
+        (f.qlinear.default, f.qlinear.out, (x, qt.tiles, qt.fmt.code, 40, None, torch.float32)),
+        (f.decode_attention.default, f.decode_attention.out, (torch.randn(2, 4, 16), k, v, lens, None, None)),
+    ]
+    for functional, out_form, args in cases:
+        expected = functional(*args)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        outs = [torch.empty_like(e) for e in expected]
+        out_form(*args, **dict(zip(("out", "out_h"), outs)))
+        assert all(torch.equal(o, e) for o, e in zip(outs, expected)), functional
+        wrong = [torch.empty(1, dtype=e.dtype) for e in expected]
+        with pytest.raises(RuntimeError, match=r"fuselm::\w+: out"):
+            out_form(*args, **dict(zip(("out", "out_h"), wrong)))
