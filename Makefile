@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PROMPT ?= The capital of France is
 
-.PHONY: install run test bench native clean
+.PHONY: install run test bench native gpu-check gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,22 @@ test: install
 # full sizes on a GPU; quick (tiny) sizes on a CPU-only machine
 bench: install
 	$(PY) -m bench.run $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')")
+
+# The GPU validation run (bench/gpu_check.py), on a GPU machine with no package registry: its own python3,
+# nothing installed from the network.  DRY=1: check the plan here (make test runs that too).
+GPU_PY ?= python3
+ifeq ($(DRY),1)
+gpu-check: install
+	$(PY) -m bench.gpu_check --dry-run
+else
+gpu-check:
+	$(GPU_PY) -m bench.gpu_check $(ARGS)
+endif
+
+# pure-Python wheels the GPU image lacks, into .whl/ (git ignores it; carry it to the GPU machine)
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+		gguf==$$($(PY) -c "import importlib.metadata as m; print(m.version('gguf'))")
 
 native: install
 	$(PY) -c "import fuselm.native as n; n.build(verbose=True)"

@@ -1,1 +1,2 @@
-"""Benchmarks: one script per op plus end-to-end; run as `python -m bench.<name>`."""
+"""Benchmarks: one script per op plus end-to-end. In a checkout `python -m bench.<name>`; installed,
+`python -m fuselm.bench.<name>` or `fuselm bench` (all of them, bench/run.py)."""

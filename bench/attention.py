@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from bench import common
+from . import common
 
 CHECK_ROWS = 64          # query rows checked against the reference before timing
 REFERENCE_MAX = 2 ** 27  # time the reference only up to this many scores (B * Hq * Sq * Sk)

@@ -23,7 +23,16 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+def _results_root():
+    """bench/results in a source checkout (beside this file), else ./fuselm-bench in the working directory
+    (an installed package: `pip install fuselm` then `fuselm bench`)."""
+    here = Path(__file__).resolve().parent
+    if (here.parent / "pyproject.toml").is_file() and (here.parent / "runtime").is_dir():
+        return here / "results"
+    return Path.cwd() / "fuselm-bench"
+
+
+RESULTS = _results_root()
 
 
 def parse_args(description, argv=None, extra=None):
@@ -64,7 +73,12 @@ def header(device):
 
 
 def device_slug(device):
-    return "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
+    return slug(device_name(device))
+
+
+def slug(name):
+    """A device name as a folder name: "NVIDIA H200" -> "nvidia-h200"."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 def _sync(device):
@@ -243,7 +257,7 @@ def _fmt(v):
 
 
 def results_dir(args):
-    """bench/results/<device>, or <device>-quick for tiny-size runs (git ignores those)."""
+    """RESULTS/<device>, or <device>-quick for tiny-size runs (git ignores those)."""
     return RESULTS / (device_slug(args.device) + ("-quick" if args.quick else ""))
 
 

@@ -22,7 +22,7 @@ GPU's L2 across repetitions, so the smallest cases can exceed DRAM bandwidth.
 import torch
 import torch.nn.functional as F
 
-from bench import common
+from . import common
 from fuselm import reference
 
 DTYPE = torch.bfloat16

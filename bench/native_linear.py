@@ -30,7 +30,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench import common
+from . import common
 from fuselm import native
 
 SHAPES = {  # name -> (K, N): y [M, N] = x [M, K] @ w[N, K].T

@@ -17,7 +17,7 @@ GB/s = bytes / median time; "% copy" = GB/s / measured copy bandwidth;
 
 import torch
 
-from bench import common
+from . import common
 from fuselm import reference
 
 OPS = ("rms_norm", "layer_norm")

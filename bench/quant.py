@@ -41,7 +41,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench import common
+from . import common
 from fuselm import native, ops, quant, reference
 
 FORMATS = list(quant.FORMATS)   # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K

@@ -20,7 +20,7 @@ GB/s = bytes / median time; "% copy" = GB/s / measured copy bandwidth;
 
 import torch
 
-from bench import common
+from . import common
 from fuselm import reference
 
 TEMPERATURE = 1.0

@@ -83,11 +83,9 @@ def cmd_chat(a):
 
 
 def cmd_bench(a):
-    try:
-        from bench import run
-    except ImportError as e:
-        raise RuntimeError(f"fuselm bench runs from a source checkout of fuselm (bench/ is not installed): {e}")
-    run.main(["--quick"] if a.quick else [])
+    from fuselm.bench import run
+    run.main((["--quick"] if a.quick else []) + [f"--{k}={v}" for k in ("only", "device", "out")
+                                                    if (v := getattr(a, k)) is not None])
 
 
 def build_parser():
@@ -106,6 +104,11 @@ def build_parser():
     c.set_defaults(func=cmd_chat)
     b = sub.add_parser("bench", help="run the benchmarks and write bench/results/<device>/")
     b.add_argument("--quick", action="store_true", help="tiny sizes")
+    b.add_argument("--only", default=None, help="comma-separated benchmarks (default: all; see python -m "
+                                               "fuselm.bench.run --help)")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is a GPU)")
+    b.add_argument("--out", default=None, help="results folder (default: bench/results/<device> in a checkout, "
+                                               "else ./fuselm-bench/<device>)")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -1,0 +1,51 @@
+"""The benchmarks as users run them: `fuselm bench` from the installed package, anywhere, and the
+report with or without matplotlib."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import report
+
+DOC = {"benchmark": "norm", "device": "Some CPU", "cpu": "Some CPU", "date": "2026-12-02", "torch": "2.x",
+       "threads": 2, "quick": True, "copy_bandwidth_GBps": 10.0,
+       "rows": [{"provider": "triton", "rows": 4, "median_ms": 0.5, "GB/s": 2.0},
+                {"provider": "torch", "rows": 4, "median_ms": 1.0, "GB/s": 1.0}]}
+
+
+def test_fuselm_bench_runs_outside_the_checkout(tmp_path):
+    """The installed package carries the benchmarks: run two of them from an unrelated folder."""
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "fuselm.cli", "bench", "--quick", "--device", "cpu", "--only",
+                        "norm,sampling", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    docs = json.loads((out / "results.json").read_text())
+    assert sorted(d["benchmark"] for d in docs) == ["norm", "sampling"]
+    assert all(d["rows"] for d in docs)
+    text = (out / "report.md").read_text()
+    assert "### norm" in text and "### sampling" in text
+
+
+def test_fuselm_bench_names_an_unknown_benchmark(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fuselm.cli", "bench", "--only", "norm,nope"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "unknown benchmarks ['nope']" in r.stderr
+
+
+def test_report_without_matplotlib_says_so(monkeypatch, tmp_path):
+    (tmp_path / "norm.json").write_text(json.dumps(DOC))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    text = report.write(tmp_path).read_text()
+    assert "Plots skipped: matplotlib is not installed" in text
+    assert "| triton | 4 | 0.5 | 2 |" in text
+    assert not list(tmp_path.glob("*.png"))
+    assert json.loads((tmp_path / "results.json").read_text()) == [DOC]
+
+
+def test_report_plots_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "norm.json").write_text(json.dumps(DOC))
+    text = report.write(tmp_path).read_text()
+    assert "![norm](norm.png)" in text and (tmp_path / "norm.png").stat().st_size > 0
