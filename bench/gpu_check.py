@@ -51,6 +51,7 @@ TEST_PARTS = {
 }
 BENCHES = {"bench-norm": "norm", "bench-attention": "attention", "bench-decode": "decode",
            "bench-sampling": "sampling", "bench-e2e": "e2e"}
+CPU_BENCHES = ("native_cpu", "quant")  # bench/run.py's benchmarks of CPU-only kernels
 BENCH_ARGS = {"e2e": ["--reps", "3"]}  # the microbenchmarks keep their own CUDA repetitions (50 per case)
 # estimates, not measurements (no run on a GPU yet): the first run's summary.md says what each part took
 BUDGETS_S = {"env": 15, "install": 40, "native": 75, "tests-kernels": 70, "tests-native": 45, "tests-model": 55,
@@ -180,6 +181,10 @@ def dry_run(parts):
     if set(listed) != files or len(listed) != len(set(listed)):
         problems.append(f"test parts must list every test file once: missing {sorted(files - set(listed))}, "
                         f"unknown {sorted(set(listed) - files)}")
+    from . import run as bench_run
+    uncovered = set(bench_run.BENCHMARKS) - set(BENCHES.values()) - set(CPU_BENCHES)
+    if uncovered:
+        problems.append(f"benchmarks in neither BENCHES nor CPU_BENCHES: {sorted(uncovered)}")
     with tempfile.TemporaryDirectory() as tmp:
         out, site = Path(tmp), Path(tmp) / "site"
         cmds = _commands(out, site)

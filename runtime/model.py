@@ -20,7 +20,7 @@ from .quant import QuantizedTensor  # (Model.load's `quant` argument shadows the
 from .cache import KVCache
 from .weights import open_checkpoint
 
-OPS = ("linear", "rms_norm", "layer_norm", "attention", "decode_attention", "sample", *ops.POINTWISE)
+OPS = ("linear", "rms_norm", "layer_norm", *ops.ATTENTION, "sample", *ops.POINTWISE)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -53,7 +53,7 @@ _TORCH_POINTWISE = dict.fromkeys(ops.POINTWISE, "torch")
 _BORROWED = {
     ("triton", "cpu"): {"linear": "torch", **_TORCH_POINTWISE},
     ("triton", "cuda"): {"linear": "torch", **_TORCH_POINTWISE},
-    ("native", "cuda"): {"linear": "torch", **_TORCH_POINTWISE, "attention": "triton", "decode_attention": "triton"},
+    ("native", "cuda"): {"linear": "torch", **_TORCH_POINTWISE, **dict.fromkeys(ops.ATTENTION, "triton")},
 }
 
 

@@ -32,6 +32,8 @@ _MODULES = {
         "layer_norm": "fuselm.kernels.norm",
         "attention": "fuselm.kernels.attention",
         "decode_attention": "fuselm.kernels.decode",
+        "paged_attention": "fuselm.kernels.attention",
+        "paged_decode_attention": "fuselm.kernels.decode",
         "sample": "fuselm.kernels.sampling",
     },
     "native": {
@@ -45,15 +47,18 @@ _MODULES = {
         "layer_norm": "fuselm.native",
         "attention": "fuselm.native",
         "decode_attention": "fuselm.native",
+        "paged_attention": "fuselm.native",
+        "paged_decode_attention": "fuselm.native",
         "sample": "fuselm.native",
     },
 }
 # The ops a backend implements for CPU tensors only.
 _CPU_ONLY = {"native": ("linear", "embedding", "rope", "silu_mul", "gelu_tanh", "store_kv", "attention",
-                        "decode_attention")}
+                        "decode_attention", "paged_attention", "paged_decode_attention")}
 # The ops of the model's blocks that have no kernel but native's CPU one (elementwise, memory-bound:
 # on GPUs torch runs them; on CPUs native exists so a decode step is all native operators).
 POINTWISE = ("embedding", "rope", "silu_mul", "gelu_tanh", "store_kv")
+ATTENTION = ("attention", "decode_attention", "paged_attention", "paged_decode_attention")
 # "auto": the backend each op uses on each device type. CPU: Triton only runs there under its
 # interpreter (~1000x slower); native measured faster than torch for every op but dense matmuls
 # (bench/native_cpu.py: decode attention 9-50x and prefill attention 1.4-2.9x the reference) and is
@@ -62,10 +67,9 @@ POINTWISE = ("embedding", "rope", "silu_mul", "gelu_tanh", "store_kv")
 # quantized ones: native, the only backend that multiplies them.
 # CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
 _AUTO = {
-    "cpu": dict.fromkeys(("linear", "rms_norm", "layer_norm", "attention", "decode_attention", "sample",
-                          *POINTWISE), "native"),
+    "cpu": dict.fromkeys(("linear", "rms_norm", "layer_norm", *ATTENTION, "sample", *POINTWISE), "native"),
     "cuda": {"linear": "torch", **dict.fromkeys(POINTWISE, "torch"),
-             **dict.fromkeys(("rms_norm", "layer_norm", "attention", "decode_attention", "sample"), "triton")},
+             **dict.fromkeys(("rms_norm", "layer_norm", *ATTENTION, "sample"), "triton")},
 }
 
 _default = None  # None -> read FUSELM_BACKEND on first use
@@ -311,15 +315,16 @@ def _check_rows(name, t, rows, device):
            f"{name} must be an integer tensor of shape ({rows},) on {device}, got {got}")
 
 
-def _check_qkv(q, q_layout, k, v, k_name, v_name, kv_layout):
-    """q and its keys/values: one device and dtype, shared batch and head dim, a valid GQA head ratio."""
+def _check_qkv(q, q_layout, k, v, k_name, v_name, kv_layout, paged=False):
+    """q and its keys/values: one device and dtype, shared batch (unless paged: pools of blocks shared by
+    every row) and head dim, a valid GQA head ratio."""
     _check_float("q", q)
     _check(q.dim() == q_layout.count(",") + 1, f"q must be {q_layout}, got shape {tuple(q.shape)}")
     _check_same(k_name, k, "q", q, shape=False)
     _check(k.dim() == 4, f"{k_name} must be {kv_layout}, got shape {tuple(k.shape)}")
     _check_same(v_name, v, k_name, k)
     _check(k.dtype == q.dtype, f"{k_name} is {k.dtype} but q is {q.dtype}")
-    _check(k.shape[0] == q.shape[0] and k.shape[3] == q.shape[-1],
+    _check((paged or k.shape[0] == q.shape[0]) and k.shape[3] == q.shape[-1],
            f"{k_name} {tuple(k.shape)} must share batch and head dim with q {tuple(q.shape)}")
     _check_heads(q.shape[-2], k.shape[2])
 
@@ -348,6 +353,40 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None, ba
         _check_rows("kv_start", kv_start, q.shape[0], q.device)
     return implementation("decode_attention", backend, q.device)(q, k_cache, v_cache, seqlens, scale=scale,
                                                                  kv_start=kv_start)
+
+
+def _check_pages(q, k_pool, v_pool, block_tables, seqlens):
+    """A paged cache: pools [num_blocks, block_size, Hkv, D] shared by every row, block_tables [B, M]
+    int32 of block ids, seqlens [B] int. Values (ids < num_blocks, seqlens <= M * block_size) are
+    the caller's contract: checking them would need a host sync."""
+    _check_qkv(q, "[B, S, H, D]" if q.dim() == 4 else "[B, H, D]", k_pool, v_pool, "k_pool", "v_pool",
+               "[num_blocks, block_size, H, D]", paged=True)
+    B = q.shape[0]
+    _check(isinstance(block_tables, torch.Tensor) and block_tables.dim() == 2 and block_tables.shape[0] == B
+           and block_tables.dtype == torch.int32 and block_tables.device == q.device,
+           f"block_tables must be an int32 tensor [B={B}, max_blocks] on {q.device}, got "
+           + (f"{block_tables.dtype} of shape {tuple(block_tables.shape)} on {block_tables.device}"
+              if isinstance(block_tables, torch.Tensor) else f"a {type(block_tables).__name__}"))
+    _check_rows("seqlens", seqlens, B, q.device)
+
+
+def paged_decode_attention(q, k_pool, v_pool, block_tables, seqlens, scale=None, backend=None):
+    """Decode attention over a paged cache: q [B, Hq, D]; row b's keys are positions [0, seqlens[b]),
+    position j at pool[block_tables[b, j // block_size], j % block_size] -> [B, Hq, D]."""
+    _check(q.dim() == 3, f"q must be [B, H, D], got shape {tuple(q.shape)}")
+    _check_pages(q, k_pool, v_pool, block_tables, seqlens)
+    return implementation("paged_decode_attention", backend, q.device)(q, k_pool, v_pool, block_tables, seqlens,
+                                                                       scale=scale)
+
+
+def paged_attention(q, k_pool, v_pool, block_tables, seqlens, causal=True, scale=None, backend=None):
+    """Prefill attention after a cached prefix: q [B, Sq, Hq, D] are the last Sq of row b's seqlens[b]
+    tokens, whose keys (the prefix and these queries' own, already stored) are read through block_tables
+    as in paged_decode_attention; causal is bottom-right aligned per row -> [B, Sq, Hq, D]."""
+    _check(q.dim() == 4, f"q must be [B, S, H, D], got shape {tuple(q.shape)}")
+    _check_pages(q, k_pool, v_pool, block_tables, seqlens)
+    return implementation("paged_attention", backend, q.device)(q, k_pool, v_pool, block_tables, seqlens,
+                                                                causal=causal, scale=scale)
 
 
 def _check_param(name, value, rows, device, ok, what):

@@ -95,6 +95,46 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None):
     return torch.einsum("bhs,bshd->bhd", p, vf).to(q.dtype)
 
 
+def gather_pages(pool, block_tables):
+    """A paged cache laid out per row: pool [num_blocks, block_size, H, D] and block_tables [B, M]
+    (block ids) -> [B, M * block_size, H, D], row b's position j at pool[block_tables[b, j // block_size],
+    j % block_size]."""
+    B, M = block_tables.shape
+    return pool[block_tables.long()].reshape(B, M * pool.shape[1], *pool.shape[2:])
+
+
+def paged_decode_attention(q, k_pool, v_pool, block_tables, seqlens, scale=None):
+    """decode_attention over a paged cache: q [B, Hq, D], pools [num_blocks, block_size, Hkv, D],
+    block_tables [B, M] int32, seqlens [B] int (<= M * block_size) -> [B, Hq, D]."""
+    return decode_attention(q, gather_pages(k_pool, block_tables), gather_pages(v_pool, block_tables), seqlens,
+                            scale)
+
+
+def paged_attention(q, k_pool, v_pool, block_tables, seqlens, causal=True, scale=None):
+    """Prefill attention for queries after a cached prefix, keys read through block tables.
+
+    q [B, Sq, Hq, D] are the last Sq of row b's seqlens[b] tokens (seqlens[b] >= Sq): query i sits
+    at position seqlens[b] - Sq + i and, when causal, sees keys j <= that position (bottom-right
+    aligned per row); otherwise all seqlens[b] keys. Pools [num_blocks, block_size, Hkv, D],
+    block_tables [B, M] int32 -> [B, Sq, Hq, D]. Slots past seqlens may hold anything.
+    """
+    B, Sq, Hq, D = q.shape
+    k, v = gather_pages(k_pool, block_tables), gather_pages(v_pool, block_tables)  # [B, Sk, Hkv, D]
+    Sk, group = k.shape[1], Hq // k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    qf = q.float().transpose(1, 2)                                   # [B, Hq, Sq, D]
+    kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)   # [B, Hq, Sk, D]
+    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    lengths = seqlens.to(q.device).long().view(B, 1, 1, 1)
+    i = torch.arange(Sq, device=q.device).view(1, 1, Sq, 1)
+    j = torch.arange(Sk, device=q.device).view(1, 1, 1, Sk)
+    visible = (j < lengths) & ((j <= lengths - Sq + i) if causal else True)  # [B, 1, Sq, Sk]
+    s = ((qf @ kf.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1).masked_fill(~visible, 0.0)          # a row seeing no key: zeros
+    vf = vf.masked_fill((j >= lengths).view(B, 1, Sk, 1), 0.0)       # unwritten slots never reach the output
+    return (p @ vf).transpose(1, 2).to(q.dtype)                      # [B, Sq, Hq, D]
+
+
 def sampling_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """The distribution `sample` draws from, [B, V] float32, each row summing to 1.
 

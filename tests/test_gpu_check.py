@@ -20,11 +20,13 @@ def test_dry_run_passes():
 def test_dry_run_names_what_is_wrong(monkeypatch, capsys):
     monkeypatch.setitem(gpu_check.BUDGETS_S, "native", gpu_check.TOTAL_BUDGET_S)
     monkeypatch.setitem(gpu_check.TEST_PARTS, "tests-model", ("test_model.py", "test_nothing_here.py"))
+    monkeypatch.delitem(gpu_check.BENCHES, "bench-norm")
     # only the parts whose checks are cheap: the budget and coverage checks still see everything
     assert not gpu_check.dry_run(["env", "native"])
     out = capsys.readouterr().out
     assert f"the budgets add up to {gpu_check.BUDGETS_S['env'] + gpu_check.TOTAL_BUDGET_S} s" in out
     assert "unknown ['test_nothing_here.py']" in out and "'test_hf.py'" in out  # missing from the parts
+    assert "benchmarks in neither BENCHES nor CPU_BENCHES: ['norm']" in out
 
 
 def test_run_reports_failures_and_timeouts_and_goes_on(monkeypatch, tmp_path):
