@@ -17,7 +17,8 @@ medians over repetitions, with p20/p80.
     prefill tokens/s = B * S / (time to the first new token)
     decode tokens/s  = B * (N - 2) / (time from the 2nd new token to the N-th)
       (the first decode step, which records fuselm's CPU plan, is left out; new tokens are timed as
-      generate_tokens yields them and, for transformers, as generate hands them to a streamer)
+      the engine samples them (B requests of the same prompt, no prefix cache) and, for transformers,
+      as generate hands them to a streamer)
     llama.cpp: llama-bench's pp<S> and tg64 tok/s (batch 1; its own warm-up run first), and
       llama-batched-bench's speed_pp and speed_tg (B sequences of S-token prompts, N new tokens each)
 Bandwidth: a decode step reads every weight but the embedding table once, so
@@ -96,13 +97,14 @@ class Fuselm(PerBatch):
         self.bytes_per_token = model.net.bytes_per_token()
 
     def run_batch(self, prompt, B, n):
-        from fuselm.generate import Stats, generate_tokens
-        stamps, steps = [], []
+        # the engine generate runs on; no prefix cache, so the B copies of the prompt are all computed
+        engine = self.model.engine(max_num_seqs=B, prefix_caching=False)
         t0 = time.perf_counter()
-        for step in generate_tokens(self.model, [prompt] * B, n, lambda logits: logits.argmax(-1), Stats()):
-            stamps.append(time.perf_counter())
-            steps.append(step)
-        return {**_rates(B, len(prompt), n, t0, stamps), "tokens": [list(t) for t in zip(*steps)]}
+        handles = [engine.submit(prompt, max_new_tokens=n, ignore_eos=True) for _ in range(B)]
+        done = [h.result() for h in handles]
+        # when every sequence had its k-th token (arrival ~ t0: the submits take microseconds)
+        stamps = [t0 + max(c.time_to_first_token + sum(c.token_times[:k]) for c in done) for k in range(n)]
+        return {**_rates(B, len(prompt), n, t0, stamps), "tokens": [c.token_ids for c in done]}
 
 
 class _Clock:
@@ -398,22 +400,19 @@ def step_split(model, contexts, reps=20):
     (csrc/plan_cpu.cpp: profile): [{context, step_ms, matmul_ms, outside_pct, top}] per context."""
     import collections
 
-    from fuselm import graphs
     out = []
     for ctx in contexts:
+        engine = model.engine(max_num_seqs=1, prefix_caching=False)
+        engine.submit(list(range(1000, 1000 + ctx)), max_new_tokens=3, ignore_eos=True).result()
+        # the recorded batch-1 step (context ctx + 1) replays in place: its blocks are free, nobody reuses them
+        plan = engine.graphs.graphs[1].plan
+        names = [plan.entry(i) for i in range(plan.size())]
+        per_op = collections.defaultdict(list)
         with torch.inference_mode():
-            cache = model.net.new_cache(1, ctx + 8)
-            ids = torch.arange(1000, 1000 + ctx).view(1, ctx)
-            tok = model.net.prefill(ids, torch.tensor([ctx], dtype=torch.int32), cache, torch.tensor([0])).argmax(-1)
-            graph = graphs.CPUGraph(model.net, cache, tok)
-            graph(tok)
-            names = [graph.plan.entry(i) for i in range(graph.plan.size())]
-            per_op = collections.defaultdict(list)
             for _ in range(reps):
                 by = collections.defaultdict(float)
-                for name, seconds in zip(names, graph.plan.profile()):
+                for name, seconds in zip(names, plan.profile()):
                     by[name] += seconds
-                cache.seqlens.fill_(ctx)
                 for name, seconds in by.items():
                     per_op[name].append(seconds)
         med = {name: statistics.median(v) * 1e3 for name, v in per_op.items()}

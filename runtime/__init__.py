@@ -30,7 +30,10 @@ def __getattr__(name):
     if name == "Model":
         from .model import Model
         return Model
+    if name in ("Engine", "SamplingParams", "Completion", "FinishReason"):
+        from . import engine
+        return getattr(engine, name)
     raise AttributeError(f"module 'fuselm' has no attribute {name!r}")
 
 
-__all__ = ["load", "Model", "ops", "set_backend"]
+__all__ = ["load", "Model", "Engine", "SamplingParams", "Completion", "FinishReason", "ops", "set_backend"]

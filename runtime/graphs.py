@@ -1,50 +1,30 @@
-"""The decode step captured once and replayed, so small-batch decode is bound by the weights, not Python.
+"""Decode-only engine steps captured once per batch size and replayed, so small-batch decode is
+bound by the weights, not Python.
 
-Transformer.decode has static shapes and no host sync (positions and lengths live in
-cache.seqlens on the device), so one capture per generate call replays every later
-step: copy the new tokens into the static input buffer, replay, read the static
-logits buffer. Sampling stays outside.
+Transformer.step on a decode-only Batch has static shapes and no host sync: the tokens,
+positions, slots, block tables [B, M] (M: the blocks of a full context) and lengths are
+copied into static buffers, the recorded step is replayed, and its static logits buffer read.
+Sampling stays outside.
 
-  GPU: a CUDA graph (DecodeGraph).
-  CPU: a native plan (CPUGraph, csrc/plan_cpu.cpp): the first step runs under a
-       TorchDispatchMode that records every operator it dispatches with its arguments
-       and results; later steps replay that list from C++. A step that cannot be
-       recorded faithfully (an operator that reads a tensor on the host through the
-       dispatcher, such as .item(), draws random numbers, has a data-dependent output
-       shape or returns anything but tensors) raises NotCapturable before that
-       operator runs, and the caller runs eagerly instead. Reads that bypass the
-       dispatcher (.tolist(), .numpy()) are not seen: the decode step has none.
+  GPU: a CUDA graph per batch-size bucket (powers of two): rows past the batch are padding, with
+       length 1, writing and reading block 0 (never handed out to a sequence).
+  CPU: a native plan (csrc/plan_cpu.cpp) per batch size: the first step of each size runs under a
+       TorchDispatchMode that records every operator it dispatches with its arguments and
+       results; later steps replay that list from C++. A step that cannot be recorded faithfully
+       (an operator that reads a tensor on the host through the dispatcher, such as .item(),
+       draws random numbers, has a data-dependent output shape or returns anything but tensors)
+       raises NotCapturable before that operator runs, and the step runs eagerly instead (with a
+       warning, once). Reads that bypass the dispatcher (.tolist(), .numpy()) are not seen: the
+       step has none.
 """
 import logging
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .cache import Batch
+
 log = logging.getLogger("fuselm")
-
-
-class DecodeGraph:
-    def __init__(self, net, cache, tokens):
-        self.tokens = tokens.clone()                               # [B] static input
-        # Warm up once outside the graph: Triton autotuning and first-call compilation must not
-        # happen during capture. The warm-up writes K/V at position seqlens and advances seqlens;
-        # restoring seqlens is enough, since the first replay overwrites the same positions.
-        lengths = cache.seqlens.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            net.decode(self.tokens, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        cache.seqlens.copy_(lengths)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = net.decode(self.tokens, cache)           # [B, V] static output
-        log.info("fuselm: decode step captured in a CUDA graph (batch %d, cache %d)", len(tokens), cache.max_len)
-
-    def __call__(self, tokens):
-        self.tokens.copy_(tokens)
-        self.graph.replay()
-        return self.logits
 
 
 class NotCapturable(RuntimeError):
@@ -123,30 +103,80 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-class CPUGraph:
-    """net.decode on static buffers: the first call records it (and is that step), later calls replay."""
+class _Static:
+    """A decode-only Batch of `rows` rows in buffers that stay put, and the logits the step left."""
 
-    def __init__(self, net, cache, tokens):
-        self.net, self.cache = net, cache
-        self.tokens = tokens.clone()  # [B] static input
-        self.plan = self.logits = None
+    def __init__(self, net, rows, max_blocks):
+        d = net.device
+        self.batch = Batch(torch.zeros(rows, dtype=torch.long, device=d), torch.zeros(rows, dtype=torch.long, device=d),
+                           torch.zeros(rows, dtype=torch.long, device=d),
+                           torch.zeros(rows, max_blocks, dtype=torch.int32, device=d),
+                           torch.ones(rows, dtype=torch.int32, device=d), num_decode=rows)
+        self.logits = None
 
-    def __call__(self, tokens):
-        self.tokens.copy_(tokens)
-        if self.plan is None:
-            plan = torch.classes.fuselm.Plan()
-            lengths = self.cache.seqlens.clone()
+    def load(self, batch):
+        """Copy batch (B <= rows decode rows) in; padding rows keep length 1 at slot 0 (block 0)."""
+        s, B, width = self.batch, batch.num_decode, batch.block_tables.shape[1]
+        for name in ("tokens", "positions", "slots", "seqlens"):
+            getattr(s, name)[:B].copy_(getattr(batch, name))
+        s.block_tables[:B, :width].copy_(batch.block_tables)
+        if B < len(s.tokens):
+            s.slots[B:].zero_()
+            s.seqlens[B:].fill_(1)
+
+
+class StepGraphs:
+    """net.step for decode-only batches, replayed: `kind` "cuda" (CUDA graphs) or "cpu" (native plans)."""
+
+    def __init__(self, net, kv, kind, max_blocks):
+        self.net, self.kv, self.kind, self.max_blocks = net, kv, kind, max_blocks
+        self.graphs = {}
+        self.eager = False  # a CPU step could not be recorded: every step runs eagerly
+
+    def __call__(self, batch):
+        B = batch.num_decode
+        if self.eager:
+            return self.net.step(batch, self.kv)
+        rows = 1 << (B - 1).bit_length() if self.kind == "cuda" else B
+        g = self.graphs.get(rows)
+        if g is None:
+            g = self.graphs[rows] = _Static(self.net, rows, self.max_blocks)
+            g.load(batch)
             try:
-                with _Recorder(plan):
-                    self.logits = self.net.decode(self.tokens, self.cache)  # [B, V] static output
-            except NotCapturable:
-                # Ops recorded so far ran: their cache writes are redone by the eager step the caller
-                # runs instead; seqlens (advanced last) goes back to where the step started.
-                self.cache.seqlens.copy_(lengths)
-                raise
-            self.plan = plan
-            log.info("fuselm: decode step recorded as a native plan of %d operators (batch %d)", plan.size(),
-                     len(tokens))
-            return self.logits
-        self.plan.run()
-        return self.logits
+                self._capture(g)  # the CPU recording runs the step itself
+            except NotCapturable as e:
+                log.warning("fuselm: the decode step runs eagerly (slower): it cannot be recorded as a native "
+                            "plan: %s", e)
+                self.eager = True
+                del self.graphs[rows]
+                return self.net.step(batch, self.kv)
+            if self.kind == "cpu":
+                return g.logits
+        else:
+            g.load(batch)
+        g.replay()
+        return g.logits[:B]
+
+    def _capture(self, g):
+        if self.kind == "cuda":
+            # Warm up outside the graph: Triton autotuning and first-call compilation must not happen
+            # during capture. The warm-up writes this step's K/V; the replay that follows rewrites them.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.net.step(g.batch, self.kv)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g.logits = self.net.step(g.batch, self.kv)
+            g.replay = graph.replay
+            log.info("fuselm: decode step captured in a CUDA graph (%d rows)", len(g.batch.tokens))
+            return
+        plan = torch.classes.fuselm.Plan()
+        with _Recorder(plan):
+            # if recording fails midway, the operators recorded so far ran: their K/V writes are redone
+            # by the eager step the caller runs instead
+            g.logits = self.net.step(g.batch, self.kv)
+        g.plan, g.replay = plan, plan.run
+        log.info("fuselm: decode step recorded as a native plan of %d operators (%d rows)", plan.size(),
+                 len(g.batch.tokens))

@@ -55,3 +55,17 @@ def return_free_heap():
     trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+def free_bytes(device):
+    """Memory free for new allocations on `device`: the GPU's free memory, or the host's MemAvailable."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

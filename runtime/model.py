@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import memory, ops, quant, rope
 from .quant import QuantizedTensor  # (Model.load's `quant` argument shadows the module there)
-from .cache import KVCache
+from .cache import KVPool
 from .weights import open_checkpoint
 
 OPS = ("linear", "rms_norm", "layer_norm", *ops.ATTENTION, "sample", *ops.POINTWISE)
@@ -152,43 +152,43 @@ class Transformer:
         attend = lambda i, q, k, v: ops.attention(q, k, v, causal=True, backend=backend)  # noqa: E731
         return self._lm_head(self._blocks(tokens, positions, attend))
 
-    def prefill(self, tokens, lengths, cache, rows):
-        """Prompts tokens [n, S], right-padded, prompt i holding lengths[i] real tokens, into the empty
-        cache rows `rows` ([n] tensors) -> float32 logits [n, V] of each prompt's last real token.
-        Padding needs no mask: it comes after every real token of its row, so causal attention never
-        shows it to them, and the decode steps overwrite its cache slots (they write at seqlens = lengths)."""
-        n, S = tokens.shape
-        positions = torch.arange(S, device=tokens.device).expand(n, S)
-        slots = cache.slots(rows, positions)
+    def step(self, batch, kv):
+        """One forward pass of the engine (a cache.Batch) over the KV pool `kv` -> float32 logits
+        [len(batch.last), V] (every token's when batch.last is None). Each token's K/V are stored
+        first, then decode rows attend through their block tables, and each prefill chunk to its
+        cached prefix plus itself (without a prefix, to its own K/V: no pool read). No host sync, and
+        for decode-only batches static shapes, so the step can be captured in a CUDA graph."""
+        D, b = batch.num_decode, self.backends
 
-        def attend(i, q, k, v):
-            cache.store(i, k, v, slots, backend=self.backends["store_kv"])
-            return ops.attention(q, k, v, causal=True, backend=self.backends["attention"])
+        def attend(i, q, k, v):                                              # q [1, T, Hq, D]
+            kv.store(i, k[0], v[0], batch.slots, backend=b["store_kv"])
+            k_pool, v_pool = kv.layer(i)
+            parts = []
+            if D:
+                parts.append(ops.paged_decode_attention(q[0, :D], k_pool, v_pool, batch.block_tables[:D],
+                                                        batch.seqlens[:D], backend=b["paged_decode_attention"])[None])
+            for j, (start, n, cached) in enumerate(batch.chunks):
+                qj, row = q[:, start:start + n], D + j
+                parts.append(ops.attention(qj, k[:, start:start + n], v[:, start:start + n], causal=True,
+                                           backend=b["attention"]) if cached == 0 else
+                             ops.paged_attention(qj, k_pool, v_pool, batch.block_tables[row:row + 1],
+                                                 batch.seqlens[row:row + 1], backend=b["paged_attention"]))
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-        h = self._blocks(tokens, positions, attend)                          # [n, S, hidden]
-        cache.seqlens[rows] = lengths
-        return self._lm_head(h[torch.arange(n, device=h.device), lengths.long() - 1])
+        h = self._blocks(batch.tokens[None], batch.positions[None], attend)[0]  # [T, hidden]
+        return self._lm_head(h if batch.last is None else h[batch.last])
 
-    def decode(self, tokens, cache):
-        """One step: tokens [B] at positions cache.seqlens -> float32 logits [B, V].
-        Static shapes and no host sync, so it can be captured in a CUDA graph."""
-        positions = cache.seqlens.long().unsqueeze(1)                        # [B, 1]
-        slots = cache.slots(cache.rows, positions)
-        lengths = cache.seqlens + 1
-
-        def attend(i, q, k, v):
-            cache.store(i, k, v, slots, backend=self.backends["store_kv"])
-            k_cache, v_cache = cache.layer(i)
-            return ops.decode_attention(q[:, 0], k_cache, v_cache, lengths,
-                                        backend=self.backends["decode_attention"]).unsqueeze(1)
-
-        h = self._blocks(tokens.unsqueeze(1), positions, attend)
-        cache.seqlens.add_(1)
-        return self._lm_head(h[:, 0])
-
-    def new_cache(self, batch, max_len):
+    def new_pool(self, num_blocks, block_size):
         c = self.config
-        return KVCache(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        return KVPool(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+
+    def invariant_rows(self):
+        """Up to how many rows a pass's linears give each row the result it gets alone (so decode rows
+        and prefill chunks may share a pass): the native quantized kernels' 63 when every matrix is
+        quantized, else 1 (dense GEMMs and the per-shape tuning choose kernels by row count)."""
+        quantized = all(isinstance(w, (QuantizedTensor, quant.QuantizedStack)) for n, w in self.w.items()
+                        if _is_matrix(n) and n not in ("embed", "pos_embed"))
+        return 63 if quantized and self.backends["linear"] == "native" and self.device.type == "cpu" else 1
 
 
 # ---------------------------------------------------------------- loading
@@ -400,6 +400,7 @@ class Model:
         self.device = net.device
         self.dtype = net.dtype
         self.last_stats = None
+        self._engine = None
         # decode steps replay a CUDA graph on GPUs; FUSELM_CUDA_GRAPHS=0 runs them eagerly (debugging)
         self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("FUSELM_CUDA_GRAPHS", "1") != "0"
         self.use_cpu_graph = (native and self.device.type == "cpu"
@@ -446,7 +447,7 @@ class Model:
     def _print_sizes(self, weights):
         c = self.config
         sizes = weight_bytes(weights)
-        kv = KVCache.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        kv = self.kv_bytes_per_token
         per_token = self.net.bytes_per_token()
         print(f"fuselm: {c.arch} {c.num_layers} layers, hidden {c.hidden_size}, weights "
               f"{sum(sizes.values()) / 2**20:.1f} MiB ("
@@ -470,13 +471,31 @@ class Model:
         with torch.inference_mode():
             return self.net.forward(ids.long())
 
+    @property
+    def kv_bytes_per_token(self):
+        c = self.config
+        return KVPool.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+
+    def engine(self, **kwargs):
+        """A new serving engine on this model (fuselm.Engine's arguments)."""
+        from .engine import Engine
+        return Engine(self, **kwargs)
+
+    def default_engine(self):
+        """The engine generate and chat submit to, made on first use."""
+        if self._engine is None:
+            self._engine = self.engine()
+        return self._engine
+
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                 seed=None, stop=None, stream=False):
+                 seed=None, stop=None, stream=False, stop_token_ids=(), ignore_eos=False):
         """Complete one prompt (-> str) or a list of prompts (-> list[str]); greedy by default.
-        stream=True (one prompt) yields the text piece by piece instead."""
+        stream=True (one prompt) yields the text piece by piece instead. The prompts run as
+        requests on the model's engine (default_engine)."""
         from .generate import generate
         return generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, min_p=min_p, seed=seed, stop=stop, stream=stream)
+                        top_p=top_p, min_p=min_p, seed=seed, stop=stop, stream=stream,
+                        stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
 
     def chat(self, messages, **kwargs):
         """Reply to chat messages [{"role": ..., "content": ...}] with the model's chat template."""

@@ -2,7 +2,8 @@
 
 - Replaying the plan gives bitwise the logits of eager steps, step after step, for
   the Llama family and GPT-2, batch 1 and 3, float32 and bfloat16, on dense and
-  quantized weights; generate's tokens are the same with and without the plan.
+  quantized weights (one plan per batch size of decode-only engine steps); generate's
+  tokens are the same with and without the plan.
 - The plan holds native operators only where the model runs native ops (no aten
   operator per layer), and replays aten operators correctly where a step has them:
   indexing with tensor lists (Tensor?[] arguments), conversions that copy or alias,
@@ -22,17 +23,16 @@ from tests.fixtures import save_tiny_gguf, save_tiny_model
 pytestmark = pytest.mark.skipif(not native.available("cpu"), reason="needs the native extension")
 
 
-def _prefilled(model, prompts, max_len=64):
-    net = model.net
-    ids = [model.tokenizer.encode(p) for p in prompts]
-    S = max(map(len, ids))
-    cache = net.new_cache(len(ids), max_len)
-    padded = torch.zeros(len(ids), S, dtype=torch.long)
-    for i, x in enumerate(ids):
-        padded[i, :len(x)] = torch.tensor(x)
-    lengths = torch.tensor([len(x) for x in ids], dtype=torch.int32)
-    logits = net.prefill(padded, lengths, cache, torch.arange(len(ids)))
-    return cache, logits.argmax(-1)
+def _logits_of_each_step(engine, prompts, steps):
+    """Run prompts on engine for `steps` tokens each -> the logits every pass sampled from."""
+    seen = []
+    sample = engine._sample
+    engine._sample = lambda logits, reqs: (seen.append(logits.clone()), sample(logits, reqs))[1]
+    for p in prompts:
+        engine.submit(p, max_new_tokens=steps, ignore_eos=True)
+    while engine.has_work():
+        engine.step()
+    return seen
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -45,31 +45,28 @@ def test_replay_equals_eager_step_after_step(tmp_path, arch, dtype, quant):
     m = fuselm.load(path, dtype=dtype, device="cpu", progress=False)
     prompts = ["hello world", "a longer prompt with more words", "x"]
     for batch in (1, 3):
-        with torch.inference_mode():
-            cache, tokens = _prefilled(m, prompts[:batch])
-            eager_cache, eager_tokens = _prefilled(m, prompts[:batch])
-            graph = graphs.CPUGraph(m.net, cache, tokens)
-            for step in range(5):
-                logits = graph(tokens)
-                expected = m.net.decode(eager_tokens, eager_cache)
-                assert torch.equal(logits, expected), (batch, step)
-                assert torch.equal(cache.seqlens, eager_cache.seqlens)
-                tokens = eager_tokens = expected.argmax(-1)
+        recorded = m.engine(max_num_seqs=batch, check=True)
+        assert recorded.graphs is not None
+        m.use_cpu_graph = False
+        eager = m.engine(max_num_seqs=batch, check=True)
+        m.use_cpu_graph = True
+        got, expected = (_logits_of_each_step(e, prompts[:batch], 6) for e in (recorded, eager))
+        assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected)), batch
+        assert sorted(recorded.graphs.graphs) == [batch]
 
 
 def _aten_entries(model):
-    with torch.inference_mode():
-        cache, tokens = _prefilled(model, ["hello world"])
-        graph = graphs.CPUGraph(model.net, cache, tokens)
-        graph(tokens)
-    return sorted(e for e in map(graph.plan.entry, range(graph.plan.size())) if not e.startswith("fuselm::"))
+    engine = model.engine(max_num_seqs=1)
+    engine.submit("hello world", max_new_tokens=3).result()
+    plan = engine.graphs.graphs[1].plan
+    return sorted(e for e in map(plan.entry, range(plan.size())) if not e.startswith("fuselm::"))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_every_operator_of_a_layer_is_native(tmp_path, arch):
-    """The step's own bookkeeping (positions, slots, lengths; GPT-2's position add) may be aten
-    operators; a layer's are all native: doubling the layers adds no aten entry. (Backend native:
-    on auto a dense matmul may measure faster on torch, tiny ones especially.)"""
+    """The step's own bookkeeping (GPT-2's position add, the logits' views) may be aten operators;
+    a layer's are all native: doubling the layers adds no aten entry. (Backend native: on auto a
+    dense matmul may measure faster on torch, tiny ones especially.)"""
     layers = "n_layer" if arch == "gpt2" else "num_hidden_layers"
     entries = [_aten_entries(fuselm.load(save_tiny_model(arch, tmp_path / str(n), **{layers: n}), dtype="float32",
                                          device="cpu", backend="native", progress=False)) for n in (2, 4)]
@@ -134,7 +131,7 @@ def test_generate_runs_eagerly_when_the_step_cannot_be_recorded(tmp_path, monkey
     lm_head = type(m.net)._lm_head
 
     def lm_head_with_a_host_read(self, h):
-        float(h.sum())  # a host sync, not capturable, after the step's cache writes and seqlens.add_
+        float(h.sum())  # a host sync, not capturable, after the step's cache writes
         return lm_head(self, h)
 
     monkeypatch.setattr(type(m.net), "_lm_head", lm_head_with_a_host_read)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import fuselm
-from fuselm.generate import Stats, generate_tokens
 from tests.conftest import DEVICE
 from tests.fixtures import save_tiny_model, smollm2_path, smollm2_transformers
 
@@ -44,8 +43,10 @@ def our_greedy(model, ids, n):
 
 
 def our_greedy_batch(model, prompts, n):
-    """n greedy steps of a batch of token-id prompts -> the tokens of each step."""
-    return list(generate_tokens(model, prompts, n, lambda logits: logits.argmax(-1), Stats()))
+    """n greedy tokens of each token-id prompt, run together on an engine -> the tokens of each step."""
+    engine = model.engine(max_num_seqs=len(prompts), check=True)
+    handles = [engine.submit(p, max_new_tokens=n, ignore_eos=True) for p in prompts]
+    return [list(step) for step in zip(*(h.result().token_ids for h in handles))]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -97,20 +98,12 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny):
     assert together == [ours.generate(p, max_new_tokens=12) for p in prompts]
 
 
-def test_prefill_groups_bound_the_padding():
-    from fuselm.generate import _prefill_groups
-    lengths = [5, 2000, 7, 1, 1000, 1100, 3, 6]
-    groups = _prefill_groups(lengths)
-    assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
-    assert all(2 * min(lengths[r] for r in g) >= max(lengths[r] for r in g) for g in groups)
-    assert groups[0] == [1, 5, 4]  # the long prompts together, the short ones apart
-
-
 @pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_kernel_backends_give_the_torch_tokens(tmp_path, arch, backend):
     """The whole model on fuselm's kernels (Triton: the interpreter without a GPU): a batch of prompts of
-    different lengths (padded prefill, per-row decode lengths) gives the torch backend's greedy tokens."""
+    different lengths (prefill chunks and decode rows over the paged cache) gives the torch backend's
+    greedy tokens."""
     path = save_tiny_model(arch, tmp_path)
     prompts = [[5, 17, 42, 9, 23, 4, 88], [3, 11], [7]]
     torch_model = fuselm.load(path, dtype="float32", device=DEVICE, backend="torch", progress=False)

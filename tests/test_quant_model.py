@@ -78,8 +78,7 @@ def test_smollm2_dequantized_on_the_default_backend_gives_transformers_greedy_to
         ids = ours.tokenizer.encode(prompt)
         with torch.inference_mode():
             expected = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-        from fuselm.generate import Stats, generate_tokens
-        got = [t[0] for t in generate_tokens(ours, [ids], 24, lambda logits: logits.argmax(-1), Stats())]
+        got = ours.engine(max_num_seqs=1).submit(ids, max_new_tokens=24, ignore_eos=True).result().token_ids
         assert got == expected, prompt
 
 
