@@ -1,11 +1,23 @@
-// CPU attention: torch.ops.fuselm.attention (prefill) and decode_attention on CPU tensors.
+// CPU attention: torch.ops.fuselm.attention (prefill), decode_attention, and their paged forms
+// paged_attention / paged_decode_attention on CPU tensors.
 //
 // Each query row (batch b, query i, head h) attends to its visible keys j in [lo, hi) of KV head
 // h / G (GQA, G = Hq / Hkv):
 //   s_j = scale * (q . k_j)        o = sum_j softmax(s)_j v_j        o = 0 when no key is visible
-//   prefill: lo = kv_start[b], hi = Sk, or min(Sk, i + Sk - Sq + 1) when causal (bottom-right aligned)
+//   prefill: lo = kv_start[b], hi = Sk, or i + Sk - Sq + 1 when causal (bottom-right aligned)
 //   decode:  the same with one query (Sq = 1) and hi = seqlens[b] (clamped to [0, Smax]), no causal limit
-// Keys outside [lo, hi) are never read: before kv_start and past seqlens they may hold anything (NaN).
+//   paged:   lo = 0 and row b's keys are its first seqlens[b] positions (clamped to [0, M * page]) of a
+//            pool [num_blocks, page, Hkv, D]: key j is row j % page of block block_tables[b, j / page]
+//            (block_tables [B, M] int32). Paged prefill's Sq queries are the row's last: query i sees
+//            keys j < seqlens[b] - Sq + i + 1 when causal (bottom-right aligned per row).
+// Keys outside [lo, hi) are never read: before kv_start and past seqlens they may hold anything (NaN),
+// and table entries past a row's ceil(seqlens[b] / page) pages are never read either.
+//
+// Key addressing is the only difference between a dense cache and a pool: a key block (or decode split)
+// is loaded into the float32 scratch as runs of rows that are contiguous in memory (`run_at`): one run
+// from the row's base in a dense cache, one run per page in a pool. The blocks themselves, and so every
+// reduction, are the same as over the gathered cache: a paged row is bitwise the dense op over its keys
+// gathered in the pool's layout (a contiguous pool: gather_pages(pool, block_tables)[b, :seqlens[b]]).
 //
 // Online softmax (one function for both ops, `update`): keys arrive in blocks of 4096 / D (16 KiB
 // of float32 K, the same of V); per row a running max m, sum l and a float32 accumulator acc [D]:
@@ -25,6 +37,8 @@
 //            + 2 * B * Hq * D * e                                  (q read, o written)
 //   prefill: 2 * Hkv * D * e * sum over tasks of the keys they see (~ B * Sk * ceil(Sq / (64 / G)),
 //            about half of it when causal) + 2 * B * Sq * Hq * D * e
+//   paged:   the same with kv_start = 0 and Sk = seqlens[b] per row, plus 4 bytes per table entry read
+//            (sum_b ceil(seqlens[b] / page): once to check the ids, then once per page run a task loads)
 // FLOPs: 4 * D per (query row, visible key).
 //
 // Batch invariance: a row's key blocks, and so its reduction order, depend only on its own
@@ -59,10 +73,14 @@ constexpr int64_t kMinWork = 1 << 14;   // (row, key, d) products per thread bel
 struct Problem {
   const void *q, *k, *v;
   void* out;  // [B, Sq, Hq, D] contiguous
-  int64_t B, Sq, Hq, Hkv, D, Sk;
+  int64_t B, Sq, Hq, Hkv, D;
   int64_t q_b, q_i, q_h, k_b, k_j, k_h, v_b, v_j, v_h;
-  const int64_t* lo;  // [B] first visible key of each batch row, in [0, Sk]
-  const int64_t* hi;  // [B] one past its last key before the causal limit, in [0, Sk]
+  const int64_t* lo;  // [B] first visible key of each batch row
+  const int64_t* hi;  // [B] one past its last key before the causal limit (within the cache)
+  // Paged (table not null): k and v point at pools [num_blocks, page, Hkv, D] and k_b / v_b are their
+  // block strides; key j of batch row b is row j % page of block table[b * table_stride + j / page].
+  const int32_t* table;
+  int64_t table_stride, page;
   bool causal;
   float scale;
   int64_t queries;    // queries per task
@@ -71,9 +89,24 @@ struct Problem {
   int64_t group() const { return Hq / Hkv; }
   int64_t query_blocks() const { return (Sq + queries - 1) / queries; }
   int64_t tasks() const { return B * Hkv * query_blocks(); }
-  // One past the last key query i of batch row b sees.
-  int64_t end(int64_t b, int64_t i) const { return causal ? std::min(hi[b], i + Sk - Sq + 1) : hi[b]; }
+  // One past the last key query i of batch row b sees: causal queries are the last Sq of the row's hi[b]
+  // keys (bottom-right aligned; the dense prefill's hi[b] is Sk). <= lo: the query sees no key.
+  int64_t end(int64_t b, int64_t i) const { return causal ? hi[b] - (Sq - 1 - i) : hi[b]; }
 };
+
+// Where key (or value) row j of batch row b lies, as an element offset from the cache's base, and in
+// `count` how many rows from it, up to row `end` (exclusive), follow ld_j apart: all of them in a dense
+// cache (ld_b the batch stride), those up to the page's end in a paged pool (ld_b the block stride).
+ALWAYS_INLINE int64_t run_at(const Problem& p, int64_t ld_b, int64_t ld_j, int64_t b, int64_t j, int64_t end,
+                             int64_t& count) {
+  if (p.table == nullptr) {
+    count = end - j;
+    return b * ld_b + j * ld_j;
+  }
+  const int64_t offset = j % p.page;
+  count = std::min(end - j, p.page - offset);
+  return p.table[b * p.table_stride + j / p.page] * ld_b + offset * ld_j;
+}
 
 // 16 float lanes (one AVX-512 register, two AVX2 ones; GCC/Clang vector extensions). The kernel's
 // float32 rows are padded with zeros to whole vectors, so no loop has a tail.
@@ -144,6 +177,34 @@ ALWAYS_INLINE void load_rows(const T* src, int64_t ld, int64_t n, int64_t ahead,
   }
 }
 
+// The same for key rows [j0, j0 + n) of batch row b of a dense cache or a pool (run_at); `ahead` rows
+// after them are asked for into L2. A dense cache is one load_rows; a pool's next rows need not follow
+// these in memory, so after each page's run as many of the next block's rows as that run held are
+// asked for: spread over the block, as load_rows spreads them.
+template <typename T>
+ALWAYS_INLINE void prefetch_keys(const Problem& p, const T* base, int64_t ld_b, int64_t ld_j, int64_t b, int64_t j0,
+                                 int64_t n) {
+  for (int64_t j = j0, c = 0; j < j0 + n; j += c) {
+    const T* src = base + run_at(p, ld_b, ld_j, b, j, j0 + n, c);  // sets c: before it is passed on
+    prefetch_rows(src, ld_j, c, p.D);
+  }
+}
+
+template <typename T>
+ALWAYS_INLINE void load_keys(const Problem& p, const T* base, int64_t ld_b, int64_t ld_j, int64_t b, int64_t j0,
+                             int64_t n, int64_t ahead, int64_t Dp, float* buf) {
+  if (p.table == nullptr) return load_rows(base + b * ld_b + j0 * ld_j, ld_j, n, ahead, p.D, Dp, buf);
+  for (int64_t j = j0, c = 0, asked = 0; j < j0 + n; j += c) {
+    const T* src = base + run_at(p, ld_b, ld_j, b, j, j0 + n, c);
+    const int64_t more = std::min(ahead, j + c - j0) - asked;
+    if (more > 0) {
+      prefetch_keys(p, base, ld_b, ld_j, b, j0 + n + asked, more);
+      asked += more;
+    }
+    load_rows(src, ld_j, c, 0, p.D, Dp, buf + (j - j0) * Dp);
+  }
+}
+
 // s[j] = scale * (q . k_j) for n key rows ld apart (Dp floats each); four keys at a time share each
 // q vector. Each key has one accumulator summed over d in order, so a key's score is the same in
 // either loop.
@@ -208,8 +269,8 @@ ALWAYS_INLINE void run_task(const Problem& p, int64_t task, Scratch& w) {
   const int64_t b = task / (p.Hkv * blocks), h = task / blocks % p.Hkv;
   const int64_t i0 = task % blocks * p.queries, i1 = std::min(p.Sq, i0 + p.queries);
   const T* q = static_cast<const T*>(p.q) + b * p.q_b + h * G * p.q_h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_b + h * p.k_h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_b + h * p.v_h;
+  const T* k = static_cast<const T*>(p.k) + h * p.k_h;  // head h's rows; row b's are load_keys'
+  const T* v = static_cast<const T*>(p.v) + h * p.v_h;
   // row r = (i - i0) * G + g: query i, head h * G + g
   for (int64_t i = i0; i < i1; ++i)
     load_rows(q + i * p.q_i, p.q_h, G, 0, D, Dp, w.q.data() + (i - i0) * G * Dp);
@@ -221,13 +282,13 @@ ALWAYS_INLINE void run_task(const Problem& p, int64_t task, Scratch& w) {
   const int64_t lo = p.lo[b], hi = p.end(b, i1 - 1);  // the keys any row of the task sees
   // the first block's rows now (load_rows asks for each next block as it reads one): without it
   // its misses came one after another, a third of a cold decode call over 140 keys (measured)
-  prefetch_rows(k + lo * p.k_j, p.k_j, std::min(p.key_block, hi - lo), D);
-  prefetch_rows(v + lo * p.v_j, p.v_j, std::min(p.key_block, hi - lo), D);
+  prefetch_keys(p, k, p.k_b, p.k_j, b, lo, std::min(p.key_block, hi - lo));
+  prefetch_keys(p, v, p.v_b, p.v_j, b, lo, std::min(p.key_block, hi - lo));
   for (int64_t j0 = lo; j0 < hi; j0 += p.key_block) {
     const int64_t n = std::min(p.key_block, hi - j0);
     const int64_t ahead = std::min(p.key_block, hi - j0 - n);  // rows of the next block
-    load_rows(k + j0 * p.k_j, p.k_j, n, ahead, D, Dp, w.k.data());
-    load_rows(v + j0 * p.v_j, p.v_j, n, ahead, D, Dp, w.v.data());
+    load_keys(p, k, p.k_b, p.k_j, b, j0, n, ahead, Dp, w.k.data());
+    load_keys(p, v, p.v_b, p.v_j, b, j0, n, ahead, Dp, w.v.data());
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t seen = std::min(n, p.end(b, i) - j0);  // causal: a prefix of the block
       if (seen <= 0) continue;
@@ -288,7 +349,8 @@ void run(const Problem& p) {
 // heads still gives the threads one task per split.
 // Each task writes its softmax partial per query head (max m, sum l, weighted values acc); a last
 // pass combines a row's splits in order:  M = max_s m_s,  o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
-// Splits depend only on a row's own [lo, hi), so its result stays batch invariant.
+// Splits depend only on a row's own [lo, hi), so its result stays batch invariant. A pool's rows
+// [Hkv, D] are contiguous too (a page at a time): a split is converted one page run at a time.
 constexpr int64_t kSplitKeys = 64;
 
 struct Split {
@@ -314,10 +376,16 @@ ALWAYS_INLINE void split_task(const Problem& p, const Split& t, float* partial) 
   w.v.resize(n * row);
   w.s.resize((n + kLanes - 1) / kLanes * kLanes);
   w.q.resize(D);
-  const T* k = static_cast<const T*>(p.k) + t.b * p.k_b + t.j0 * p.k_j;
-  const T* v = static_cast<const T*>(p.v) + t.b * p.v_b + t.j0 * p.v_j;
-  cpu::to_float(k, w.k.data(), n * row);
-  cpu::to_float(v, w.v.data(), n * row);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  for (int64_t j = t.j0, c = 0; j < t.j1; j += c) {  // K rows [j, j + c): contiguous, one pass
+    const T* src = k + run_at(p, p.k_b, p.k_j, t.b, j, t.j1, c);
+    cpu::to_float(src, w.k.data() + (j - t.j0) * row, c * row);
+  }
+  for (int64_t j = t.j0, c = 0; j < t.j1; j += c) {
+    const T* src = v + run_at(p, p.v_b, p.v_j, t.b, j, t.j1, c);
+    cpu::to_float(src, w.v.data() + (j - t.j0) * row, c * row);
+  }
   const T* q = static_cast<const T*>(p.q) + t.b * p.q_b;
   for (int64_t r = 0; r < p.Hq; ++r) {
     const int64_t h = r / G;
@@ -428,25 +496,66 @@ std::vector<int64_t> row_values(const char* op, const char* name, const std::opt
   return out;
 }
 
-// The checks shared by both ops: k and v of one shape [B, S, Hkv, D], q's dtype and device, Hq = G * Hkv.
+// The checks shared by the ops: k and v of one shape [B, S, Hkv, D] (paged: pools [num_blocks, page, Hkv,
+// D] shared by every row), q's dtype and device, Hq = G * Hkv.
 void check_kv(const char* op, const at::Tensor& q, int64_t q_heads, const at::Tensor& k, const at::Tensor& v,
-              const char* k_name, const char* v_name) {
+              const char* k_name, const char* v_name, bool paged = false) {
   check_float(op, "q", q);
   for (const auto& [name, t] : {std::pair{k_name, &k}, std::pair{v_name, &v}}) {
     TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", t->device(), " but q is on ", q.device());
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " is ", t->scalar_type(), " but q is ",
                 q.scalar_type());
   }
-  TORCH_CHECK(k.dim() == 4, op, ": ", k_name, " must be [B, S, H, D], got shape ", k.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": ", k_name, " must be ", paged ? "[num_blocks, block_size, H, D]" : "[B, S, H, D]",
+              ", got shape ", k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": ", v_name, " has shape ", v.sizes(), " but ", k_name, " has ",
               k.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(-1), op, ": ", k_name, " ", k.sizes(),
-              " must share batch and head dim with q ", q.sizes());
+  TORCH_CHECK((paged || k.size(0) == q.size(0)) && k.size(3) == q.size(-1), op, ": ", k_name, " ", k.sizes(),
+              paged ? " must share the head dim with q " : " must share batch and head dim with q ", q.sizes());
+  TORCH_CHECK(!paged || k.size(1) > 0, op, ": ", k_name, " ", k.sizes(), " has blocks of 0 keys");
   TORCH_CHECK(k.size(2) > 0 && q_heads % k.size(2) == 0, op, ": query heads (", q_heads,
               ") must be a multiple of key/value heads (", k.size(2), ")");
 }
 
-// Fills everything but the q pointer/strides, lo, hi and causal; runs p into out (q's shape, contiguous).
+// A paged cache's block table and key counts: block_tables [B, M] int32 (rows read with unit stride: a copy
+// otherwise), seqlens clamped to [0, M * page]. Every block id a row reads (its first ceil(seqlens[b] /
+// page) entries) must be one of the pool's; the entries after them are never read and may hold anything.
+struct Pages {
+  at::Tensor table;
+  std::vector<int64_t> hi;
+};
+
+Pages check_pages(const char* op, const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& block_tables,
+                  const at::Tensor& seqlens) {
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt, op, ": block_tables must be an int32 tensor, got ",
+              block_tables.scalar_type());
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0), op,
+              ": block_tables must have shape (", q.size(0), ", max_blocks), got ", block_tables.sizes());
+  TORCH_CHECK(block_tables.device() == q.device(), op, ": block_tables is on ", block_tables.device(),
+              " but q is on ", q.device());
+  Pages pages;
+  pages.table = block_tables.size(1) <= 1 || block_tables.stride(1) == 1 ? block_tables : block_tables.contiguous();
+  const int64_t page = k_pool.size(1), blocks = k_pool.size(0), M = pages.table.size(1);
+  pages.hi = row_values(op, "seqlens", seqlens, q, M * page, 0);
+  const int32_t* ids = pages.table.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    for (int64_t i = 0; i < (pages.hi[b] + page - 1) / page; ++i) {
+      const int64_t id = ids[b * pages.table.stride(0) + i];
+      TORCH_CHECK(id >= 0 && id < blocks, op, ": block_tables[", b, ", ", i, "] = ", id,
+                  " is not a block of the pool (", blocks, " blocks), and row ", b, " reads it (seqlens ",
+                  pages.hi[b], ", block size ", page, ")");
+    }
+  }
+  return pages;
+}
+
+void set_pages(Problem& p, const Pages& pages, const at::Tensor& k_pool) {
+  p.table = pages.table.const_data_ptr<int32_t>();
+  p.table_stride = pages.table.stride(0);
+  p.page = k_pool.size(1);
+}
+
+// Fills everything but the q pointer/strides, lo, hi, causal and the table; runs p into out (q's shape, contiguous).
 at::Tensor& launch(Problem& p, const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
                    std::optional<double> scale, at::Tensor& out) {
   const at::Tensor k = unit_last(k_in), v = unit_last(v_in);
@@ -455,7 +564,6 @@ at::Tensor& launch(Problem& p, const at::Tensor& q, const at::Tensor& k_in, cons
   p.v = v.const_data_ptr();
   p.out = out.mutable_data_ptr();
   p.Hkv = k.size(2);
-  p.Sk = k.size(1);
   p.k_b = k.stride(0), p.k_j = k.stride(1), p.k_h = k.stride(2);
   p.v_b = v.stride(0), p.v_j = v.stride(1), p.v_h = v.stride(2);
   p.scale = static_cast<float>(scale.value_or(1.0 / std::sqrt(static_cast<double>(p.D))));
@@ -515,6 +623,55 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return decode_attention_into(q, k_cache, v_cache, seqlens, scale, kv_start, out);
 }
 
+at::Tensor& paged_decode_attention_into(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                        const at::Tensor& block_tables, const at::Tensor& seqlens,
+                                        std::optional<double> scale, at::Tensor& out) {
+  constexpr const char* op = "fuselm::paged_decode_attention";
+  check_float(op, "q", q_in);
+  TORCH_CHECK(q_in.dim() == 3, op, ": q must be [B, H, D], got shape ", q_in.sizes());
+  check_kv(op, q_in, q_in.size(1), k_pool, v_pool, "k_pool", "v_pool", /*paged=*/true);
+  const at::Tensor q = unit_last(q_in);
+  const Pages pages = check_pages(op, q, k_pool, block_tables, seqlens);
+  const std::vector<int64_t> lo(q.size(0), 0);
+  Problem p{};  // decode_attention's, keys [0, seqlens) read through the table
+  p.q = q.const_data_ptr();
+  p.B = q.size(0), p.Sq = 1, p.Hq = q.size(1), p.D = q.size(2);
+  p.q_b = q.stride(0), p.q_i = 0, p.q_h = q.stride(1);
+  p.lo = lo.data(), p.hi = pages.hi.data();
+  p.causal = false;
+  set_pages(p, pages, k_pool);
+  check_out(op, "out", out, q_in.sizes(), q_in.scalar_type(), q_in);
+  return launch(p, q, k_pool, v_pool, scale, out);
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                                  const at::Tensor& block_tables, const at::Tensor& seqlens,
+                                  std::optional<double> scale) {
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  return paged_decode_attention_into(q, k_pool, v_pool, block_tables, seqlens, scale, out);
+}
+
+at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                           const at::Tensor& block_tables, const at::Tensor& seqlens, bool causal,
+                           std::optional<double> scale) {
+  constexpr const char* op = "fuselm::paged_attention";
+  check_float(op, "q", q_in);
+  TORCH_CHECK(q_in.dim() == 4, op, ": q must be [B, S, H, D], got shape ", q_in.sizes());
+  check_kv(op, q_in, q_in.size(2), k_pool, v_pool, "k_pool", "v_pool", /*paged=*/true);
+  const at::Tensor q = unit_last(q_in);
+  const Pages pages = check_pages(op, q, k_pool, block_tables, seqlens);
+  const std::vector<int64_t> lo(q.size(0), 0);
+  Problem p{};  // attention's, row b's queries the last Sq of its seqlens[b] keys
+  p.q = q.const_data_ptr();
+  p.B = q.size(0), p.Sq = q.size(1), p.Hq = q.size(2), p.D = q.size(3);
+  p.q_b = q.stride(0), p.q_i = q.stride(1), p.q_h = q.stride(2);
+  p.lo = lo.data(), p.hi = pages.hi.data();
+  p.causal = causal;
+  set_pages(p, pages, k_pool);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  return launch(p, q, k_pool, v_pool, scale, out);
+}
+
 }  // namespace
 }  // namespace fuselm
 
@@ -522,4 +679,7 @@ TORCH_LIBRARY_IMPL(fuselm, CPU, m) {
   m.impl("attention", &fuselm::attention);
   m.impl("decode_attention", &fuselm::decode_attention);
   m.impl("decode_attention.out", &fuselm::decode_attention_into);
+  m.impl("paged_attention", &fuselm::paged_attention);
+  m.impl("paged_decode_attention", &fuselm::paged_decode_attention);
+  m.impl("paged_decode_attention.out", &fuselm::paged_decode_attention_into);
 }

@@ -58,4 +58,14 @@ TORCH_LIBRARY(fuselm, m) {
         "Tensor? kv_start=None) -> Tensor");
   m.def("decode_attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float? scale=None, "
         "Tensor? kv_start=None, *, Tensor(a!) out) -> Tensor(a!)");
+  // Over a paged cache: pools [num_blocks, block_size, Hkv, D], block_tables [B, M] int32, seqlens [B] (any
+  // integer dtype); row b's key j is pool[block_tables[b, j // block_size], j % block_size], j < seqlens[b].
+  // paged_attention's q [B, Sq, Hq, D] are each row's last Sq positions (causal: bottom-right aligned per
+  // row). CPU only (attention_cpu.cpp).
+  m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seqlens, "
+        "float? scale=None) -> Tensor");
+  m.def("paged_decode_attention.out(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seqlens, "
+        "float? scale=None, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor block_tables, Tensor seqlens, "
+        "bool causal=True, float? scale=None) -> Tensor");
 }

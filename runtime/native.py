@@ -6,6 +6,7 @@
     y = native.linear(x, weight)                   # CPU only: x @ weight.T for decode
     o = native.attention(q, k, v, causal=True)     # CPU only: prefill attention (GQA, kv_start)
     o = native.decode_attention(q, k_cache, v_cache, seqlens)   # CPU only: reads only the visible cache
+    o = native.paged_decode_attention(q, k_pool, v_pool, block_tables, seqlens)   # CPU only: through block tables
 
 The extension is compiled just in time with torch.utils.cpp_extension (ninja)
 on first use of an op, or ahead of time with `build()` / `make native`, and
@@ -16,7 +17,9 @@ RuntimeError that says what is missing.
 
 The ops are registered with TORCH_LIBRARY as torch.ops.fuselm.rms_norm,
 layer_norm (overloads `.residual` return (y, h)), sample, and the CPU-only linear,
-attention and decode_attention (on GPUs those run on backend 'torch' or 'triton');
+attention, decode_attention, paged_attention and paged_decode_attention (on GPUs those run
+on backend 'torch' or 'triton'); the ops a CPU decode step runs also have out= forms
+(`decode_attention.out`, `paged_decode_attention.out`, ...) that the replayed plan calls;
 their fake (shape) functions below let torch.compile trace them. None of the CUDA
 ops syncs with the host, so they can be captured in a CUDA graph.
 """
@@ -209,7 +212,8 @@ def _register_fakes():
     for op, fn in (("rope", same_shape), ("silu_mul", silu_mul), ("gelu_tanh", same_shape), ("store_kv", store_kv),
                    ("rms_norm", same_shape), ("rms_norm.residual", norm_residual), ("layer_norm", same_shape),
                    ("layer_norm.residual", norm_residual), ("sample", sample), ("linear", linear),
-                   ("attention", attention), ("decode_attention", attention), ("qlinear", qlinear),
+                   ("attention", attention), ("decode_attention", attention), ("paged_attention", attention),
+                   ("paged_decode_attention", attention), ("qlinear", qlinear),
                    ("qembedding", qembedding)):
         torch.library.register_fake(f"fuselm::{op}", fn)
 
@@ -330,6 +334,28 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None):
     _check_cpu("decode_attention", "backend='triton'", q=q, k_cache=k_cache, v_cache=v_cache, seqlens=seqlens,
                kv_start=kv_start)
     return _ops(q.device).decode_attention(q, k_cache, v_cache, seqlens, scale, kv_start)
+
+
+def paged_decode_attention(q, k_pool, v_pool, block_tables, seqlens, scale=None):
+    """decode_attention over a paged cache on the CPU, as fuselm.reference.paged_decode_attention: q [B, Hq,
+    D], pools [num_blocks, block_size, Hkv, D], block_tables [B, M] int32, seqlens [B] -> [B, Hq, D]; row
+    b's key j is pool[block_tables[b, j // block_size], j % block_size] for j < seqlens[b]. Reads only
+    those keys and their table entries (the others may hold anything); every block id a row reads must
+    be one of the pool's (a clear error otherwise). Bitwise decode_attention on the gathered cache, so
+    batch invariant."""
+    _check_cpu("paged_decode_attention", "backend='triton'", q=q, k_pool=k_pool, v_pool=v_pool,
+               block_tables=block_tables, seqlens=seqlens)
+    return _ops(q.device).paged_decode_attention(q, k_pool, v_pool, block_tables, seqlens, scale)
+
+
+def paged_attention(q, k_pool, v_pool, block_tables, seqlens, causal=True, scale=None):
+    """Prefill attention after a cached prefix on the CPU, as fuselm.reference.paged_attention: q [B, Sq, Hq,
+    D] are the last Sq of row b's seqlens[b] tokens, keys read through block_tables as in
+    paged_decode_attention; causal is bottom-right aligned per row -> [B, Sq, Hq, D]. Row b is bitwise
+    attention over its gathered keys [0, seqlens[b]), so batch invariant."""
+    _check_cpu("paged_attention", "backend='triton'", q=q, k_pool=k_pool, v_pool=v_pool, block_tables=block_tables,
+               seqlens=seqlens)
+    return _ops(q.device).paged_attention(q, k_pool, v_pool, block_tables, seqlens, causal, scale)
 
 
 def _check_cpu(op, gpu_backend, **tensors):
