@@ -317,3 +317,282 @@ def test_errors_name_the_problem(ops):
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
             call()
+
+
+# ---------------------------------------------------------------- paged
+
+BLOCK_SIZES = [1, 16, 5]  # one key per block, the engine's, and an odd size that no key block divides
+BAD_IDS = [-1, 2**31 - 1, -2**31]  # what unused table entries may hold: the kernel never reads them
+
+
+def _pool(layout, num_blocks, block_size, hkv, D, dtype, g, magnitude):
+    """A [num_blocks, block_size, Hkv, D] pool: contiguous, sliced out of a bigger buffer, or head-major."""
+    def buffer(*shape):
+        return (torch.randn(*shape, generator=g) * magnitude).to(dtype)
+
+    if layout == "contiguous":
+        return buffer(num_blocks, block_size, hkv, D)
+    if layout == "sliced":
+        return buffer(num_blocks + 1, block_size + 2, hkv + 1, D + 8)[1:, 1:block_size + 1, 1:, 3:D + 3]
+    return buffer(num_blocks, hkv, block_size, D).transpose(1, 2)
+
+
+def _pages(B, block_size, M, seqlens, shared, unused, pool_layout, hkv, D, dtype, garbage, magnitude, g):
+    """Pools and block tables for rows of seqlens[b] <= M * block_size keys: each row's pages are distinct
+    blocks in random order, except that row 1 reads the first `shared` pages of row 0 (a shared prefix);
+    every pool slot no row reads holds `garbage`. Returns k_pool, v_pool, the table the kernel gets
+    (unused entries: 0 or ids of no block, `unused`) and the one the reference gathers (unused: 0)."""
+    pages = [-(-n // block_size) for n in seqlens]
+    shared = min(shared, *pages[:2]) if B >= 2 else 0
+    num_blocks = sum(pages) - shared + 2  # two blocks no row reads
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    table = torch.zeros(B, M, dtype=torch.int32)
+    for b, n in enumerate(pages):
+        for i in range(n):
+            table[b, i] = table[0, i] if b == 1 and i < shared else perm.pop()
+    k_pool, v_pool = (_pool(pool_layout, num_blocks, block_size, hkv, D, dtype, g, magnitude) for _ in range(2))
+    used = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    for b, n in enumerate(seqlens):
+        j = torch.arange(n)
+        used[table[b, j // block_size].long(), j % block_size] = True
+    _fill(k_pool, ~used, garbage)
+    _fill(v_pool, ~used, garbage)
+    kernel_table = table.clone()
+    if unused != "zero":
+        unread = torch.arange(M).view(1, M) >= torch.tensor(pages).view(B, 1)
+        kernel_table[unread] = unused
+    return k_pool, v_pool, kernel_table, table
+
+
+@st.composite
+def paged_cases(draw, prefill=False):
+    block_size, B = draw(st.sampled_from(BLOCK_SIZES)), draw(st.integers(1, 4))
+    M = draw(st.integers(1, 150 // block_size + 1))
+    full = M * block_size
+    Sq = draw(st.one_of(st.just(1), st.integers(1, min(full, 40)))) if prefill else 1
+    lo = Sq if prefill else 0  # prefill rows hold at least their queries
+    row = st.one_of(st.sampled_from([lo, full, max(lo, min(full, 65))]), st.integers(lo, full))
+    seqlens = draw(st.lists(row, min_size=B, max_size=B))
+    if prefill and draw(st.booleans()):
+        seqlens = [Sq] * B  # no cached prefix: the queries are the whole row
+    return dict(B=B, block_size=block_size, M=M, Sq=Sq, seqlens=seqlens, hkv=draw(st.integers(1, 3)),
+                G=draw(st.sampled_from([1, 2, 3, 4, 8])), D=draw(st.sampled_from(HEAD_DIMS)),
+                shared=draw(st.integers(0, 3)), unused=draw(st.sampled_from(["zero", *BAD_IDS])),
+                pool_layout=draw(st.sampled_from(["contiguous", "sliced", "head-major"])),
+                q_sliced=draw(st.booleans()), len_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+                dtype=draw(st.sampled_from(DTYPES)), scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0))),
+                causal=draw(st.booleans()) if prefill else False, magnitude=draw(st.sampled_from([1.0, 3.0])),
+                garbage=draw(st.sampled_from([float("nan"), float("inf"), float("-inf")])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _paged(B, block_size, M, Sq, seqlens, hkv, G, D, shared, unused, pool_layout, q_sliced, len_dtype, dtype,
+           magnitude, garbage, seed, prefill):
+    """q ([B, Hq, D] for decode, [B, Sq, Hq, D] for prefill; a slice of a packed qkv when q_sliced), pools,
+    the kernel's and the reference's tables, seqlens."""
+    g = torch.Generator().manual_seed(seed)
+    hq = hkv * G
+    shape = (B, Sq) if prefill else (B,)
+    q = (torch.randn(*shape, hq + 2 * hkv if q_sliced else hq, D, generator=g) * magnitude).to(dtype)[..., :hq, :]
+    k_pool, v_pool, table, ref_table = _pages(B, block_size, M, seqlens, shared, unused, pool_layout, hkv, D, dtype,
+                                              garbage, magnitude, g)
+    return q, k_pool, v_pool, table, ref_table, torch.tensor(seqlens, dtype=len_dtype)
+
+
+def _same_path(case):
+    """Whether the dense op on the gathered (contiguous) cache takes the paged call's path: the split-KV
+    decode runs for one non-causal query over rows [Hkv, D] contiguous with D a multiple of 16, a key
+    block loop otherwise. Within a path the key blocks and splits are the same, so results are bitwise."""
+    return case["pool_layout"] == "contiguous" or case["D"] % 16 != 0 or case["Sq"] > 1 or case["causal"]
+
+
+def _visible_cache(pool, ref_table, seqlens):
+    """The gathered cache [B, M * block_size, Hkv, D] in float32 with zeros past each row's seqlens."""
+    cache = reference.gather_pages(pool.float(), ref_table)
+    return cache.masked_fill((torch.arange(cache.shape[1]).view(1, -1) >= seqlens.view(-1, 1))[..., None, None], 0.0)
+
+
+@settings(max_examples=4 * settings.default.max_examples)  # a case takes milliseconds
+@given(case=paged_cases())
+@example(case=dict(B=3, block_size=16, M=10, Sq=1, seqlens=[150, 0, 160], hkv=3, G=3, D=64, shared=3, unused=-1,
+                   pool_layout="contiguous", q_sliced=True, len_dtype=torch.int32, dtype=torch.bfloat16, scale=None,
+                   causal=False, magnitude=1.0, garbage=float("nan"), seed=0))  # SmolLM2: split-KV, full table
+@example(case=dict(B=2, block_size=5, M=30, Sq=1, seqlens=[149, 131], hkv=2, G=4, D=33, shared=2, unused=2**31 - 1,
+                   pool_layout="sliced", q_sliced=False, len_dtype=torch.int64, dtype=torch.float16, scale=0.3,
+                   causal=False, magnitude=3.0, garbage=float("inf"), seed=1))  # key blocks across pages
+def test_paged_decode_matches_reference(ops, case):
+    c = dict(case)
+    scale, causal, dtype = c.pop("scale"), c.pop("causal"), c["dtype"]
+    q, k_pool, v_pool, table, ref_table, seqlens = _paged(**c, prefill=False)
+    out = native.paged_decode_attention(q, k_pool, v_pool, table, seqlens, scale=scale)
+    expected = reference.paged_decode_attention(*_f32(q, k_pool, v_pool), ref_table, seqlens, scale=scale)
+    k, v = _visible_cache(k_pool, ref_table, seqlens), _visible_cache(v_pool, ref_table, seqlens)
+    atol = _tolerance(q, k, v, c["D"] ** -0.5 if scale is None else scale, expected)
+    assert_matches(out, expected, dtype, str(case), atol=atol)
+    assert not out[seqlens == 0].any(), "a row that sees no key must give zeros"
+    if _same_path(case):  # bitwise the dense op over the gathered cache (garbage included: never read)
+        dense = native.decode_attention(q, reference.gather_pages(k_pool, ref_table),
+                                        reference.gather_pages(v_pool, ref_table), seqlens, scale=scale)
+        assert torch.equal(out, dense), "paged decode differs from decode_attention on the gathered cache"
+
+
+@settings(max_examples=4 * settings.default.max_examples)
+@given(case=paged_cases(prefill=True))
+@example(case=dict(B=2, block_size=16, M=9, Sq=37, seqlens=[140, 37], hkv=3, G=3, D=64, shared=2, unused=-2**31,
+                   pool_layout="contiguous", q_sliced=True, len_dtype=torch.int32, dtype=torch.bfloat16, scale=None,
+                   causal=True, magnitude=1.0, garbage=float("nan"), seed=2))  # a chunk after a prefix; no prefix
+@example(case=dict(B=2, block_size=1, M=80, Sq=1, seqlens=[80, 1], hkv=1, G=2, D=16, shared=1, unused="zero",
+                   pool_layout="head-major", q_sliced=False, len_dtype=torch.int64, dtype=torch.float32, scale=None,
+                   causal=False, magnitude=1.0, garbage=float("-inf"), seed=3))
+def test_paged_attention_matches_reference(ops, case):
+    c = dict(case)
+    scale, causal, dtype = c.pop("scale"), c.pop("causal"), c["dtype"]
+    q, k_pool, v_pool, table, ref_table, seqlens = _paged(**c, prefill=True)
+    out = native.paged_attention(q, k_pool, v_pool, table, seqlens, causal=causal, scale=scale)
+    expected = reference.paged_attention(*_f32(q, k_pool, v_pool), ref_table, seqlens, causal=causal, scale=scale)
+    k, v = _visible_cache(k_pool, ref_table, seqlens), _visible_cache(v_pool, ref_table, seqlens)
+    # decode's bound with each head's largest |q_d| over the queries: scores reach the hundreds at magnitude 3
+    atol = _tolerance(q.abs().amax(1), k, v, c["D"] ** -0.5 if scale is None else scale, expected)
+    assert_matches(out, expected, dtype, str(case), atol=atol)
+    if _same_path(case):  # row b: bitwise the dense op over its gathered keys [0, seqlens[b])
+        k, v = reference.gather_pages(k_pool, ref_table), reference.gather_pages(v_pool, ref_table)  # garbage too
+        for b, n in enumerate(seqlens.tolist()):
+            dense = native.attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=causal, scale=scale)
+            assert torch.equal(out[b:b + 1], dense), f"row {b} differs from attention on its gathered keys"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 80])  # split-KV decode and its fallback (D not a multiple of 16)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_paged_is_bitwise_dense_on_gathered_cache(ops, dtype, D, block_size):
+    """By design: a paged call loads the same key blocks (decode: the same 64-key splits) as the dense op,
+    page run by page run, so over contiguous pools its results are bitwise those of decode_attention /
+    attention on gather_pages(pool, table). Rows of 0, odd and full lengths, two rows sharing blocks."""
+    M = 160 // block_size + 1
+    seqlens = [M * block_size, 0, 131, 67]
+    k_pool, v_pool, _, table = _pages(4, block_size, M, seqlens, 4, "zero", "contiguous", 3, D, dtype,
+                                      float("nan"), 1.0, torch.Generator().manual_seed(D + block_size))
+    k, v = reference.gather_pages(k_pool, table), reference.gather_pages(v_pool, table)
+    lens = torch.tensor(seqlens, dtype=torch.int32)
+    q = torch.randn(4, 19, 9, D).to(dtype)
+    assert torch.equal(native.paged_decode_attention(q[:, 0], k_pool, v_pool, table, lens),
+                       native.decode_attention(q[:, 0], k, v, lens))
+    for causal in (True, False):
+        out = native.paged_attention(q[[0, 2, 3]], k_pool, v_pool, table[[0, 2, 3]], lens[[0, 2, 3]], causal=causal)
+        for row, b in enumerate((0, 2, 3)):
+            n = seqlens[b]
+            assert torch.equal(out[row:row + 1], native.attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n],
+                                                                  causal=causal))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 33])
+def test_paged_batch_invariance(ops, dtype, D):
+    """Row b alone == row b of the batch == the batch on one thread, bitwise, for both paged ops."""
+    seqlens = [150, 1, 64, 99, 0]
+    k_pool, v_pool, table, _ = _pages(5, 16, 10, seqlens, 2, -1, "contiguous", 3, D, dtype, float("nan"), 1.0,
+                                      torch.Generator().manual_seed(D))
+    lens = torch.tensor(seqlens, dtype=torch.int32)
+    q = torch.randn(5, 9, D).to(dtype)
+    decoded = native.paged_decode_attention(q, k_pool, v_pool, table, lens)
+    assert torch.equal(_threads(1, lambda: native.paged_decode_attention(q, k_pool, v_pool, table, lens)), decoded)
+    qp, rows = torch.randn(4, 1, 9, D).to(dtype), [0, 1, 2, 3]  # Sq = 1: every row holds a query
+    lens_p = lens[rows]
+    for causal in (True, False):
+        full = native.paged_attention(qp, k_pool, v_pool, table[rows], lens_p, causal=causal)
+        assert torch.equal(_threads(1, lambda: native.paged_attention(qp, k_pool, v_pool, table[rows], lens_p,
+                                                                      causal=causal)), full)
+        for b in rows:
+            alone = native.paged_attention(qp[b:b + 1], k_pool, v_pool, table[b:b + 1], lens_p[b:b + 1], causal=causal)
+            assert torch.equal(alone, full[b:b + 1])
+    for b in range(5):
+        assert torch.equal(native.paged_decode_attention(q[b:b + 1], k_pool, v_pool, table[b:b + 1], lens[b:b + 1]),
+                           decoded[b:b + 1])
+
+
+def test_paged_out_form_and_lengths(ops):
+    """paged_decode_attention.out (the replayed plan's form) writes the functional result bitwise and refuses a
+    wrong out; seqlens past the table's capacity or negative clamp like the dense op's; a table with
+    non-unit column stride; ops.paged_* dispatch to native."""
+    g = torch.Generator().manual_seed(4)
+    k_pool, v_pool = torch.randn(12, 4, 2, 32, generator=g), torch.randn(12, 4, 2, 32, generator=g)
+    table = torch.randperm(12, generator=g).int().view(2, 6)
+    q, lens = torch.randn(2, 4, 32, generator=g), torch.tensor([17, 9], dtype=torch.int32)
+    expected = ops.paged_decode_attention(q, k_pool, v_pool, table, lens, None)
+    out = torch.empty_like(expected)
+    ops.paged_decode_attention.out(q, k_pool, v_pool, table, lens, None, out=out)
+    assert torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match=r"fuselm::paged_decode_attention: out must be a contiguous"):
+        ops.paged_decode_attention.out(q, k_pool, v_pool, table, lens, None, out=torch.empty(1))
+    wild = torch.tensor([-5, 10 * 24])
+    assert_matches(native.paged_decode_attention(q, k_pool, v_pool, table, wild),
+                   reference.paged_decode_attention(q, k_pool, v_pool, table, wild), torch.float32)
+    wide = torch.zeros(2, 12, dtype=torch.int32)
+    wide[:, ::2] = table
+    assert torch.equal(native.paged_decode_attention(q, k_pool, v_pool, wide[:, ::2], lens), expected)
+    from fuselm import ops as fuselm_ops
+    assert torch.equal(fuselm_ops.paged_decode_attention(q, k_pool, v_pool, table, lens, backend="native"), expected)
+    qs = q.unsqueeze(1).expand(2, 3, 4, 32)
+    assert torch.equal(fuselm_ops.paged_attention(qs, k_pool, v_pool, table, lens, backend="native"),
+                       native.paged_attention(qs, k_pool, v_pool, table, lens))
+
+
+def _paged_opcheck_cases():
+    g = torch.Generator().manual_seed(0)
+    q, pool = torch.randn(2, 3, 4, 16, generator=g), torch.randn(6, 5, 2, 16, generator=g)
+    table, lens = torch.tensor([[4, 0, 2], [1, 5, 0]], dtype=torch.int32), torch.tensor([11, 3])
+    return [("paged_decode_attention", (q[:, 0], pool, pool, table, lens, None)),
+            ("paged_decode_attention", (q[:, 0].bfloat16(), pool.bfloat16(), pool.bfloat16(), table, lens.int(), 0.5)),
+            ("paged_attention", (q, pool, pool, table, lens, True, None)),
+            ("paged_attention", (q.half(), pool.half(), pool.half(), table, lens, False, 0.3))]
+
+
+@pytest.mark.parametrize("case", range(len(_paged_opcheck_cases())))
+def test_paged_opcheck(ops, case):
+    name, args = _paged_opcheck_cases()[case]
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+@pytest.mark.parametrize("B, Hq, D, blocks, M", [(0, 2, 8, 3, 2), (2, 0, 8, 3, 2), (2, 2, 0, 3, 2), (2, 2, 8, 0, 0),
+                                                  (2, 2, 8, 3, 0)])
+def test_paged_empty_shapes(ops, B, Hq, D, blocks, M):
+    """Empty batch, heads, head dim, pool or table: the reference's empty / zero result (seqlens 0 where the
+    table or the pool holds nothing to read)."""
+    pool, table = torch.randn(blocks, 4, 1, D), torch.zeros(B, M, dtype=torch.int32)
+    lens = torch.full((B,), 3 if blocks and M else 0, dtype=torch.int32)
+    q = torch.randn(B, 3, Hq, D)
+    assert torch.equal(native.paged_decode_attention(q[:, 0], pool, pool, table, lens, scale=1.0),
+                       reference.paged_decode_attention(q[:, 0], pool, pool, table, lens, scale=1.0))
+    assert torch.equal(native.paged_attention(q, pool, pool, table, lens, scale=1.0),
+                       reference.paged_attention(q, pool, pool, table, lens, scale=1.0))
+
+
+def test_paged_errors_name_the_problem(ops):
+    q, pool = torch.randn(2, 3, 4, 16), torch.randn(6, 5, 2, 16)
+    q1, table, lens = q[:, 0], torch.tensor([[4, 0, 2], [1, 5, 0]], dtype=torch.int32), torch.tensor([11, 3])
+    pd, pa = native.paged_decode_attention, native.paged_attention
+    cases = [
+        (lambda: pd(q1, pool, pool, table.long(), lens), "paged_decode_attention: block_tables must be an int32 tensor, got Long"),
+        (lambda: pa(q, pool, pool, table.long(), lens), "paged_attention: block_tables must be an int32 tensor"),
+        (lambda: pd(q1, pool, pool, table[0], lens), r"block_tables must have shape \(2, max_blocks\), got \[3\]"),
+        (lambda: pa(q, pool, pool, table[:1], lens), r"block_tables must have shape \(2, max_blocks\), got \[1, 3\]"),
+        (lambda: pd(q1, pool, pool, table.masked_fill(table == 2, 6), lens),
+         r"block_tables\[0, 2\] = 6 is not a block of the pool \(6 blocks\), and row 0 reads it \(seqlens 11"),
+        (lambda: pa(q, pool, pool, table.masked_fill(table == 1, -1), lens), r"block_tables\[1, 0\] = -1 is not a block"),
+        (lambda: pd(q1, pool, pool[:, :4], table, lens), r"v_pool has shape \[6, 4, 2, 16\] but k_pool has"),
+        (lambda: pd(q1, pool[0], pool[0], table, lens), r"k_pool must be \[num_blocks, block_size, H, D\]"),
+        (lambda: pd(q1, pool[:, :0], pool[:, :0], table, lens), "has blocks of 0 keys"),
+        (lambda: pd(q1, pool[..., :8], pool[..., :8], table, lens), "k_pool .* must share the head dim with q"),
+        (lambda: pd(q1[:, :3], pool, pool, table, lens), r"query heads \(3\) must be a multiple of key/value heads \(2\)"),
+        (lambda: pd(q1, pool.half(), pool.half(), table, lens), "k_pool is Half but q is Float"),
+        (lambda: pd(q, pool, pool, table, lens), r"paged_decode_attention: q must be \[B, H, D\]"),
+        (lambda: pa(q1, pool, pool, table, lens), r"paged_attention: q must be \[B, S, H, D\]"),
+        (lambda: pd(q1, pool, pool, table, lens.float()), "seqlens must be an integer tensor"),
+        (lambda: pa(q, pool, pool, table, lens[:1]), r"seqlens must have shape \(2,\)"),
+        (lambda: pd(q1, pool, pool, table.to("meta"), lens),
+         r"paged_decode_attention runs on the CPU only \(block_tables is on meta\); use backend='triton' on GPUs"),
+        (lambda: pa(q, pool.to("meta"), pool, table, lens), r"paged_attention runs on the CPU only \(k_pool is on meta\)"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
