@@ -12,6 +12,10 @@ Attention at SmolLM2's sizes (Hq 9, Hkv 3, D 64), e = element size:
     decode, B rows of L cached keys each (the whole cache visible):
         bytes = 2*B*L*Hkv*D*e + 2*B*Hq*D*e          (K and V read once; q read, o written)
         FLOPs = 4*B*Hq*L*D
+    paged decode, the same keys in a pool of 16-key blocks (all rows' blocks in random order), read
+    through [B, L/16] int32 block tables:
+        bytes = the dense decode's + 4*B*ceil(L/16)     (the table entries), FLOPs the same
+        "vs dense" = native decode_attention's median time over the same keys laid out per row / paged's
     prefill, causal, B rows of S tokens:
         bytes = 2*B*S*(Hq + Hkv)*D*e                 (q, k, v read once, o written: the least possible)
         FLOPs = 4*B*Hq*D*S*(S+1)/2                   (the visible (query, key) pairs)
@@ -22,7 +26,7 @@ GB/s = bytes / median time; "% copy" = GB/s / measured copy bandwidth;
 "vs torch" = the reference's median time / native's (and "vs sdpa" likewise).
 
     python -m bench.native_cpu           # rows 1..512, hidden 576..8192; vocab 128256, batch 1/8/32;
-                                         # decode batch 1/16, cache 128..4096; prefill 128..1024
+                                         # decode (dense, paged) batch 1/16, cache 128..4096; prefill 128..1024
     python -m bench.native_cpu --quick   # tiny sizes, seconds
 """
 import torch
@@ -111,6 +115,45 @@ def attention_case(op, dtype, batch, length, reps):
     return rows
 
 
+PAGE = 16  # keys per block of the paged pool (the engine's block size)
+
+
+def paged_decode_case(dtype, batch, length, reps):
+    """Decode over `length` keys per row held in a paged pool, against the dense native op over the
+    same keys laid out per row: the cost of reading through the block table."""
+    g = torch.Generator().manual_seed(batch * length)
+    q = torch.randn(batch, HEADS, HEAD_DIM, generator=g).to(dtype)
+    k, v = (torch.randn(batch, length, KV_HEADS, HEAD_DIM, generator=g).to(dtype) for _ in range(2))
+    pages = -(-length // PAGE)
+    table = torch.randperm(batch * pages, generator=g).int().view(batch, pages)  # scattered, as after churn
+    pools = []
+    for cache in (k, v):
+        padded = torch.zeros(batch, pages * PAGE, KV_HEADS, HEAD_DIM, dtype=dtype)
+        padded[:, :length] = cache
+        pool = torch.empty(batch * pages, PAGE, KV_HEADS, HEAD_DIM, dtype=dtype)
+        pool[table.long().flatten()] = padded.view(batch * pages, PAGE, KV_HEADS, HEAD_DIM)
+        pools.append(pool)
+    k_pool, v_pool = pools
+    seqlens = torch.full((batch,), length, dtype=torch.int32)
+    calls = {"torch": lambda: reference.paged_decode_attention(q, k_pool, v_pool, table, seqlens),
+             "native": lambda: native.paged_decode_attention(q, k_pool, v_pool, table, seqlens),
+             "dense": lambda: native.decode_attention(q, k, v, seqlens)}
+    expected = calls["torch"]().float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name in ("native", "dense"):
+        common.check_close(f"{name} paged_decode_attention", calls[name](), expected, atol=tol, rtol=tol)
+    times = {name: common.timeit(fn, "cpu", reps=reps, warmup=1 if name == "torch" else 3)
+             for name, fn in calls.items()}
+    e = q.element_size()
+    bytes_moved = 2 * batch * length * KV_HEADS * HEAD_DIM * e + 2 * batch * HEADS * HEAD_DIM * e + 4 * batch * pages
+    case = {"op": "paged_decode_attention", "dtype": str(dtype).replace("torch.", ""), "batch": batch,
+            "length": length}
+    rows = common.bandwidth_rows(case, times, bytes_moved, "cpu", ("torch", "dense"))
+    for row in rows:
+        row["GFLOP/s"] = 4 * batch * HEADS * length * HEAD_DIM / row["median_ms"] / 1e6
+    return rows
+
+
 def table_rows(case, bytes_moved, times, copy):
     rows = []
     for name in ("torch", "native"):
@@ -158,16 +201,20 @@ def main(argv=None):
         for batch in decode_batches:
             for length in cache_lengths:
                 attention += attention_case("decode_attention", dtype, batch, length, args.reps)
+                attention += paged_decode_case(dtype, batch, length, args.reps)
         for length in prompt_lengths:
             attention += attention_case("attention", dtype, 1, length, args.reps)
     print()
     common.print_table(attention, ["op", "dtype", "batch", "length", "provider", "median_ms", "p20_ms", "p80_ms",
-                                   "GB/s", "% copy", "GFLOP/s", "vs torch", "vs sdpa"])
+                                   "GB/s", "% copy", "GFLOP/s", "vs torch", "vs sdpa", "vs dense"])
     rows = norms + samples + attention
     ratios = {op: [r["vs torch"] for r in rows if r["op"] == op and r["provider"] == "native"]
-              for op in ("rms_norm", "layer_norm", "sample", "decode_attention", "attention")}
+              for op in ("rms_norm", "layer_norm", "sample", "decode_attention", "paged_decode_attention", "attention")}
     for op, rs in ratios.items():
         print(f"native vs torch, {op}: min x{min(rs):.2f}, max x{max(rs):.2f} over {len(rs)} cases")
+    paging = [r["vs dense"] for r in rows if r["op"] == "paged_decode_attention" and r["provider"] == "native"]
+    print(f"paged vs dense native decode (block size {PAGE}): min x{min(paging):.2f}, max x{max(paging):.2f} "
+          f"over {len(paging)} cases")
     path = common.save("native_cpu", args, rows, extra={"threads": torch.get_num_threads()})
     print(f"saved {path}")
     return rows
