@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch by default; on a GPU machine use e.g. TORCH="torch --index-url ..." or an existing env.
 TORCH ?= torch==2.13.0
-PROMPT ?= The capital of France is
+PROMPT ?= What is the capital of France? Answer in one sentence.
 
 .PHONY: install run test bench native gpu-check gpu-wheels clean
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(VENV)/bin/fuselm generate "$(PROMPT)" --max-new-tokens 48
+	$(VENV)/bin/fuselm generate --chat "$(PROMPT)" --max-new-tokens 64
 
 test: install
 	$(PY) -m pytest -q

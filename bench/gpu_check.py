@@ -46,16 +46,17 @@ TEST_PARTS = {
                       "test_pointwise.py", "test_triton_compile.py"),
     "tests-native": ("test_native.py", "test_native_attention.py", "test_native_linear.py", "test_quant.py",
                      "test_graphs.py", "test_tuning.py", "test_gpu_check.py", "test_bench.py"),
-    "tests-model": ("test_model.py", "test_hf.py", "test_quant_model.py", "test_config_weights.py",
-                    "test_tokenizer.py"),
+    "tests-model": ("test_model.py", "test_engine.py", "test_hf.py", "test_quant_model.py",
+                    "test_config_weights.py", "test_tokenizer.py"),
 }
 BENCHES = {"bench-norm": "norm", "bench-attention": "attention", "bench-decode": "decode",
-           "bench-sampling": "sampling", "bench-e2e": "e2e"}
+           "bench-sampling": "sampling", "bench-e2e": "e2e", "bench-engine": "engine"}
 CPU_BENCHES = ("native_cpu", "quant")  # bench/run.py's benchmarks of CPU-only kernels
-BENCH_ARGS = {"e2e": ["--reps", "3"]}  # the microbenchmarks keep their own CUDA repetitions (50 per case)
+BENCH_ARGS = {"e2e": ["--reps", "3"], "engine": ["--reps", "1"]}  # the microbenchmarks keep their own CUDA repetitions (50 per case)
 # estimates, not measurements (no run on a GPU yet): the first run's summary.md says what each part took
-BUDGETS_S = {"env": 15, "install": 40, "native": 75, "tests-kernels": 70, "tests-native": 45, "tests-model": 55,
-             "bench-norm": 20, "bench-attention": 35, "bench-decode": 25, "bench-sampling": 20, "bench-e2e": 75}
+BUDGETS_S = {"env": 15, "install": 40, "native": 65, "tests-kernels": 70, "tests-native": 45, "tests-model": 55,
+             "bench-norm": 20, "bench-attention": 35, "bench-decode": 25, "bench-sampling": 20, "bench-e2e": 60,
+             "bench-engine": 30}
 LOG_TAIL = 200_000  # characters of each part's output kept in log.txt
 
 

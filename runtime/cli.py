@@ -1,6 +1,7 @@
 """The `fuselm` command: generate, chat, bench.
 
     fuselm generate "The capital of France is" --max-new-tokens 32
+    fuselm generate --chat "What is the capital of France?"
     fuselm chat --model path/to/model.gguf
     fuselm bench --quick
 """
@@ -46,14 +47,19 @@ def _load(a):
 
 def _report(model):
     s = model.last_stats
-    print(f"\n[{s.prompt_tokens} prompt tokens, {s.new_tokens} new tokens; prefill "
+    cached = f" ({s.cached_tokens} from the prefix cache)" if s.cached_tokens else ""
+    print(f"\n[{s.prompt_tokens} prompt tokens{cached}, {s.new_tokens} new tokens; prefill "
           f"{s.prompt_tokens / max(s.prefill_seconds, 1e-9):.1f} tokens/s, decode "
           f"{s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
 
 
 def cmd_generate(a):
     model = _load(a)
-    for piece in model.generate(a.prompt, stream=True, **_sampling(a)):
+    if a.chat and model.tokenizer.chat_template is None:
+        raise ValueError(f"{a.model} has no chat template; leave out --chat")
+    run = (lambda **kw: model.chat([{"role": "user", "content": a.prompt}], **kw)) if a.chat else (
+        lambda **kw: model.generate(a.prompt, **kw))
+    for piece in run(stream=True, **_sampling(a)):
         print(piece, end="", flush=True)
     print()
     _report(model)
@@ -94,6 +100,8 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="complete a prompt, streaming")
     g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user message through the model's "
+                                                      "chat template (instruct models)")
     _model_args(g)
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)

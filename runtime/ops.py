@@ -67,8 +67,7 @@ ATTENTION = ("attention", "decode_attention", "paged_attention", "paged_decode_a
 # quantized ones: native, the only backend that multiplies them.
 # CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
 _AUTO = {
-    "cpu": {**dict.fromkeys(("linear", "rms_norm", "layer_norm", *ATTENTION, "sample", *POINTWISE), "native"),
-            "paged_attention": "torch", "paged_decode_attention": "torch"},  # native: landing next
+    "cpu": dict.fromkeys(("linear", "rms_norm", "layer_norm", *ATTENTION, "sample", *POINTWISE), "native"),
     "cuda": {"linear": "torch", **dict.fromkeys(POINTWISE, "torch"),
              **dict.fromkeys(("rms_norm", "layer_norm", *ATTENTION, "sample"), "triton")},
 }

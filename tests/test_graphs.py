@@ -135,6 +135,7 @@ def test_generate_runs_eagerly_when_the_step_cannot_be_recorded(tmp_path, monkey
         return lm_head(self, h)
 
     monkeypatch.setattr(type(m.net), "_lm_head", lm_head_with_a_host_read)
+    m._engine = None  # a new engine records its plans anew
     with caplog.at_level(logging.WARNING, logger="fuselm"):
         assert m.generate(prompts, max_new_tokens=10) == expected
     assert "runs eagerly" in caplog.text

@@ -69,6 +69,20 @@ def test_greedy_tokens_match_transformers(tiny):
         assert our_greedy(ours, ids, 24) == hf_greedy(hf, ids, 24)
 
 
+def test_requests_arriving_at_different_times_each_get_the_transformers_tokens(tiny):
+    """Many requests of different lengths on one engine, each submitted while the others run."""
+    _, hf, ours = tiny
+    rng = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, ours.config.vocab_size, (n,), generator=rng).tolist() for n in (9, 1, 30, 4, 17, 2)]
+    engine = ours.engine(max_num_seqs=3, chunk=8, check=True)
+    handles = []
+    for p in prompts:
+        handles.append(engine.submit(p, max_new_tokens=12, ignore_eos=True))
+        engine.step()
+    for p, h in zip(prompts, handles):
+        assert h.result().token_ids == hf_greedy(hf, p, 12), p
+
+
 def test_sharded_checkpoint_gives_same_logits(tmp_path):
     one = fuselm.load(save_tiny_model("llama", tmp_path / "one"), dtype="float32", device="cpu", progress=False)
     many = fuselm.load(save_tiny_model("llama", tmp_path / "many", shards=3), dtype="float32", device="cpu",
