@@ -46,7 +46,7 @@ TEST_PARTS = {
                       "test_pointwise.py", "test_triton_compile.py"),
     "tests-native": ("test_native.py", "test_native_attention.py", "test_native_linear.py", "test_quant.py",
                      "test_graphs.py", "test_tuning.py", "test_gpu_check.py", "test_bench.py"),
-    "tests-model": ("test_model.py", "test_engine.py", "test_hf.py", "test_quant_model.py",
+    "tests-model": ("test_model.py", "test_engine.py", "test_serve.py", "test_hf.py", "test_quant_model.py",
                     "test_config_weights.py", "test_tokenizer.py"),
 }
 BENCHES = {"bench-norm": "norm", "bench-attention": "attention", "bench-decode": "decode",

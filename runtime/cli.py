@@ -1,8 +1,9 @@
-"""The `fuselm` command: generate, chat, bench.
+"""The `fuselm` command: generate, chat, serve, bench.
 
     fuselm generate "The capital of France is" --max-new-tokens 32
     fuselm generate --chat "What is the capital of France?"
     fuselm chat --model path/to/model.gguf
+    fuselm serve --port 8000          # an OpenAI-compatible server at http://127.0.0.1:8000/v1
     fuselm bench --quick
 """
 import argparse
@@ -88,6 +89,14 @@ def cmd_chat(a):
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_serve(a):
+    from fuselm.serve.server import kv_cache_memory, serve
+    load = dict(dtype=a.dtype, device=a.device, backend=a.backend, quant=a.quant, quantize=a.quantize)
+    return serve(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
+                 max_num_seqs=a.max_num_seqs, max_queue=a.max_queue, kv_cache_memory=kv_cache_memory(a.kv_cache_memory),
+                 load_kwargs=load, verbose=a.verbose)
+
+
 def cmd_bench(a):
     from fuselm.bench import run
     run.main((["--quick"] if a.quick else []) + [f"--{k}={v}" for k in ("only", "device", "out")
@@ -110,6 +119,20 @@ def build_parser():
     _sampling_args(c)
     c.add_argument("--system", default=None, help="a system message")
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1, /tokenize and "
+                                                   "/detokenize")
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    s.add_argument("--max-num-seqs", type=int, default=16, help="requests running at once (default 16)")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those running; more get "
+                                                              "503 (default 256)")
+    s.add_argument("--kv-cache-memory", default=None, help="KV cache: bytes, a size such as 512MiB, or a share of "
+                                                           "free memory such as 0.5 (default: a full context per "
+                                                           "sequence, at most a quarter of free memory)")
+    s.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="run the benchmarks and write bench/results/<device>/")
     b.add_argument("--quick", action="store_true", help="tiny sizes")
     b.add_argument("--only", default=None, help="comma-separated benchmarks (default: all; see python -m "
@@ -125,13 +148,13 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:
-        a.func(a)
+        status = a.func(a)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
         print(f"fuselm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
