@@ -115,14 +115,15 @@ class _Static:
         self.logits = None
 
     def load(self, batch):
-        """Copy batch (B <= rows decode rows) in; padding rows keep length 1 at slot 0 (block 0)."""
-        s, B, width = self.batch, batch.num_decode, batch.block_tables.shape[1]
-        for name in ("tokens", "positions", "slots", "seqlens"):
+        """Copy batch (B <= rows decode rows, tables max_blocks wide) in; padding rows get length 1,
+        writing and reading slot 0 (block 0, never a sequence's)."""
+        s, B = self.batch, batch.num_decode
+        for name in ("tokens", "positions", "slots", "seqlens", "block_tables"):
             getattr(s, name)[:B].copy_(getattr(batch, name))
-        s.block_tables[:B, :width].copy_(batch.block_tables)
         if B < len(s.tokens):
             s.slots[B:].zero_()
             s.seqlens[B:].fill_(1)
+            s.block_tables[B:, 0].zero_()
 
 
 class StepGraphs:
@@ -139,22 +140,25 @@ class StepGraphs:
             return self.net.step(batch, self.kv)
         rows = 1 << (B - 1).bit_length() if self.kind == "cuda" else B
         g = self.graphs.get(rows)
-        if g is None:
-            g = self.graphs[rows] = _Static(self.net, rows, self.max_blocks)
+        if g is not None:
             g.load(batch)
-            try:
-                self._capture(g)  # the CPU recording runs the step itself
-            except NotCapturable as e:
-                log.warning("fuselm: the decode step runs eagerly (slower): it cannot be recorded as a native "
-                            "plan: %s", e)
-                self.eager = True
-                del self.graphs[rows]
-                return self.net.step(batch, self.kv)
-            if self.kind == "cpu":
-                return g.logits
-        else:
-            g.load(batch)
-        g.replay()
+            g.replay()
+            return g.logits[:B]
+        g = _Static(self.net, rows, self.max_blocks)
+        g.load(batch)
+        try:
+            self._capture(g)  # the CPU recording runs the step itself
+        except (NotCapturable, RuntimeError) as e:
+            if not isinstance(e, NotCapturable) and self.kind != "cuda":
+                raise  # e.g. out of memory on the CPU: nothing was kept, the next step tries again
+            # CUDA: an operator that syncs or allocates in a way capture forbids
+            log.warning("fuselm: the decode step runs eagerly (slower): it cannot be %s: %s",
+                        "captured in a CUDA graph" if self.kind == "cuda" else "recorded as a native plan", e)
+            self.eager = True
+            return self.net.step(batch, self.kv)
+        self.graphs[rows] = g  # only once captured: a failed capture leaves nothing half-built
+        if self.kind == "cuda":
+            g.replay()
         return g.logits[:B]
 
     def _capture(self, g):

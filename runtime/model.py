@@ -11,6 +11,7 @@ The residual add is fused into the next norm: `h, r = norm(a, residual=r)`.
 import math
 import os
 import sys
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -400,7 +401,7 @@ class Model:
         self.device = net.device
         self.dtype = net.dtype
         self.last_stats = None
-        self._engine = None
+        self._engine, self._engine_lock = None, threading.Lock()
         # decode steps replay a CUDA graph on GPUs; FUSELM_CUDA_GRAPHS=0 runs them eagerly (debugging)
         self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("FUSELM_CUDA_GRAPHS", "1") != "0"
         self.use_cpu_graph = (native and self.device.type == "cpu"
@@ -482,9 +483,10 @@ class Model:
         return Engine(self, **kwargs)
 
     def default_engine(self):
-        """The engine generate and chat submit to, made on first use."""
-        if self._engine is None:
-            self._engine = self.engine()
+        """The engine generate and chat submit to, made on first use (once, whichever thread asks)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = self.engine()
         return self._engine
 
     def generate(self, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,

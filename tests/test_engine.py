@@ -56,8 +56,8 @@ def run_fake(scheduler, requests, arrivals):
         for r in (*step.decode, *(r for r, _ in step.prefill)):
             scheduler.blocks.commit(r)
         for r in sampled:
-            r.output_ids.append(fake_next(r.all_ids))
-            if len(r.output_ids) == r.params.max_new_tokens:
+            r.add_token(fake_next(r.all_ids), 0.0)
+            if r.finished:
                 scheduler.remove(r)
                 done.append(r)
         scheduler.blocks.check_integrity(scheduler.running)
@@ -184,7 +184,7 @@ def test_scheduler_chunks_long_prompts_without_holding_up_decode():
     s.add(short)
     step = s.schedule()
     short.num_computed = 3
-    short.output_ids.append(5)
+    short.add_token(5, 0.0)
     long = fake_request(list(range(30)), max_new=2)
     s.add(long)
     step = s.schedule()
@@ -403,3 +403,58 @@ def test_smollm2_second_chat_turn_prefills_only_the_new_turn(smollm2):
     assert second.cached_tokens >= len(first_ids) // bs * bs  # at least the first turn's full blocks
     new = len(second_ids) - len(first_ids)
     assert second.prompt_tokens - second.cached_tokens <= new + len(first.token_ids) + bs
+
+
+def test_a_handle_read_twice_and_a_client_whose_event_loop_closed(tiny):
+    kw = dict(max_new_tokens=6, ignore_eos=True)
+    with Engine(tiny, max_num_seqs=2, check=True) as engine:
+        h = engine.submit(PROMPTS[1], **kw)
+        first = h.result()
+        assert h.result() is first and list(h) == []  # handed out once; waiting again returns at once
+
+        async def first_piece(handle):
+            async for piece in handle:
+                return piece
+        gone = engine.submit(PROMPTS[0], max_new_tokens=100, ignore_eos=True)
+        asyncio.run(first_piece(gone))  # its event loop closes while the request still runs
+        other = engine.submit(PROMPTS[2], **kw).result()
+        assert other.token_ids == solo(tiny, PROMPTS[2], **kw).token_ids
+        assert gone.result().finish_reason == FinishReason.CANCELLED
+    assert engine.blocks.num_free == engine.blocks.usable
+
+
+def test_a_failed_first_decode_step_is_retried(tmp_path, monkeypatch):
+    """A transient error while the CPU plan of a batch size is recorded leaves nothing half-built."""
+    from fuselm import native
+    if not native.available("cpu"):
+        pytest.skip("needs the native extension")
+    m = fuselm.load(save_tiny_model("llama", tmp_path), dtype="float32", device="cpu", progress=False)
+    engine = Engine(m, max_num_seqs=1, check=True)
+    assert engine.graphs is not None
+    capture = engine.graphs._capture
+    calls = []
+
+    def flaky(g):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return capture(g)
+    monkeypatch.setattr(engine.graphs, "_capture", flaky)
+    h = engine.submit([5, 6, 7], max_new_tokens=5, ignore_eos=True)
+    with pytest.raises(RuntimeError, match="simulated"):
+        h.result()
+    h.cancel()
+    engine.step()
+    again = engine.submit([5, 6, 7], max_new_tokens=5, ignore_eos=True).result()
+    m._engine = None
+    assert again.token_ids == m.engine(max_num_seqs=1).submit([5, 6, 7], max_new_tokens=5,
+                                                              ignore_eos=True).result().token_ids
+
+
+def test_cached_tokens_count_prompt_hits_only_once(tiny):
+    """After preemption the recompute hits its own generated blocks: not prompt-cache hits."""
+    engine = Engine(tiny, max_num_seqs=3, block_size=4, kv_cache_memory=13 * 4 * tiny.kv_bytes_per_token,
+                    check=True)
+    done = staggered(engine, PROMPTS, dict(max_new_tokens=12, ignore_eos=True))
+    assert engine.stats["preemptions"] > 0
+    assert all(c.cached_tokens <= c.prompt_tokens for c in done)

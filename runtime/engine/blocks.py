@@ -3,12 +3,15 @@ and the prefix cache.
 
 A block holds block_size consecutive positions of one sequence (in every layer). Block 0 is
 never handed out: padding rows of a batch write there. A full block whose K/V are computed is
-keyed by a chained hash of the tokens up to its end (its own tokens and every block before it),
-so a later request starting with the same tokens reuses it (the hit is checked against the
-tokens, not only the hash). Blocks nobody references are free; free blocks that still hold
+keyed by a chained digest of the tokens up to its end (blake2b of the previous block's digest
+and its own tokens), so a later request starting with the same tokens reuses it; a hit is also
+checked against the block's tokens. A cryptographic digest, not Python's hash(): prompts may be
+raw token ids, and a crafted collision must not serve one request's K/V to another. Blocks nobody references are free; free blocks that still hold
 a cached prefix stay findable until they are reused, least recently freed first.
 Every capacity check comes paired with its mutation: can_allocate/allocate, can_append/append.
 """
+import hashlib
+from array import array
 from collections import OrderedDict
 
 
@@ -35,12 +38,13 @@ class BlockManager:
     def blocks_for(self, tokens):
         return -(-tokens // self.block_size)
 
-    def _hashes(self, ids, count):
-        """Chained hashes of the first `count` full blocks of ids."""
-        h, out, bs = None, [], self.block_size
-        for i in range(count):
-            h = hash((h, tuple(ids[i * bs:(i + 1) * bs])))
-            out.append(h)
+    def _digests(self, ids, count, known=()):
+        """Chained digests of (at least) the first `count` full blocks of ids; `known` holds the first ones."""
+        out, bs = list(known), self.block_size  # may be longer than count: callers slice
+        for i in range(len(out), count):
+            h = hashlib.blake2b(array("q", ids[i * bs:(i + 1) * bs]).tobytes(), digest_size=16,
+                                key=out[-1] if out else b"")
+            out.append(h.digest())
         return out
 
     def _prefix(self, req):
@@ -49,7 +53,9 @@ class BlockManager:
         if not self.prefix_caching:
             return []
         ids, bs, blocks = req.all_ids, self.block_size, []
-        for i, h in enumerate(self._hashes(ids, (req.num_tokens - 1) // bs)):
+        count = (req.num_tokens - 1) // bs
+        req.block_hashes = self._digests(ids, count, req.block_hashes)  # they depend on the tokens only: kept
+        for i, h in enumerate(req.block_hashes[:count]):
             b = self.cached.get(h)
             if b is None or self.key[b][1] != tuple(ids[i * bs:(i + 1) * bs]):
                 break
@@ -76,7 +82,9 @@ class BlockManager:
                 del self.free[b]
             self.ref[b] += 1
         req.block_table = list(hit)
-        req.num_computed = req.num_cached = len(hit) * self.block_size
+        req.num_computed = len(hit) * self.block_size
+        if req.num_cached is None:  # the first admission; a recompute after preemption is not a prompt hit
+            req.num_cached = min(req.num_computed, len(req.prompt_ids))
         self.append(req, tokens)
 
     def can_append(self, req, tokens):
@@ -92,15 +100,21 @@ class BlockManager:
             req.block_table.append(b)
 
     def commit(self, req):
-        """Cache req's full, computed blocks under their prefix hashes (call after each step)."""
+        """Cache req's full, computed blocks under their prefix digests (call after each pass); each
+        block is digested once."""
         if not self.prefix_caching:
             return
-        full, ids, bs = req.num_computed // self.block_size, req.all_ids, self.block_size
-        for i, h in enumerate(self._hashes(ids, full)):
-            b = req.block_table[i]
+        done, full = req.num_committed, req.num_computed // self.block_size
+        if full <= done:
+            return
+        req.block_hashes = self._digests(req.all_ids, full, req.block_hashes)
+        req.num_committed = full
+        bs = self.block_size
+        for i in range(done, full):
+            b, h = req.block_table[i], req.block_hashes[i]
             if b in self.key or h in self.cached:  # already cached (here, or the same prefix in another block)
                 continue
-            self.key[b] = (h, tuple(ids[i * bs:(i + 1) * bs]))
+            self.key[b] = (h, tuple(req.all_ids[i * bs:(i + 1) * bs]))
             self.cached[h] = b
 
     def release(self, req):
@@ -112,7 +126,7 @@ class BlockManager:
                 if b not in self.key:  # uncached: nothing to keep, reuse it first
                     self.free.move_to_end(b, last=False)
         req.block_table = []
-        req.num_computed = 0
+        req.num_computed = req.num_committed = 0
 
     def check_integrity(self, requests, written_slots=()):
         """free + used == total, reference counts match the block tables, cached blocks are full and
@@ -128,7 +142,10 @@ class BlockManager:
         used = sum(1 for b in range(1, self.num_blocks) if self.ref[b] > 0)
         assert used + len(self.free) == self.usable, f"{used} used + {len(self.free)} free != {self.usable}"
         assert all(self.ref[b] == 0 for b in self.free), "a free block is referenced"
-        assert all(self.cached[h] == b for b, (h, _) in self.key.items()), "prefix index out of step"
-        for slot in written_slots:
+        assert len(self.cached) == len(self.key) and all(self.key[b][0] == h for h, b in self.cached.items()), \
+            "prefix index out of step"
+        real = [slot for slot in written_slots if slot // self.block_size != 0]
+        assert len(set(real)) == len(real), "a pass writes one slot twice"
+        for slot in real:
             b = slot // self.block_size
-            assert b == 0 or (self.ref[b] == 1 and b not in self.key), f"slot {slot}: block {b} is shared or cached"
+            assert self.ref[b] == 1 and b not in self.key, f"slot {slot}: block {b} is shared or cached"

@@ -4,8 +4,12 @@ Each step: take in new and cancelled requests, schedule (scheduler.py), run the 
 sample one token for every sequence that finished its prompt or decoded, and hand the text to
 the request handles. Decode rows and prefill chunks share one pass when the model's linears
 give every row the result it would get alone at that many rows (Transformer.invariant_rows);
-otherwise the decode rows run in one pass (replayed as a CUDA graph or native CPU plan) and each
-chunk in its own, so a request's output never depends on what else runs.
+otherwise the decode rows run in passes of at most that many rows (replayed as a CUDA graph or
+native CPU plan) and each chunk in its own. With row-invariant kernels (the native quantized
+ones) a request's tokens then do not depend on what else runs; kernels that choose their path
+by row count (dense GEMMs, cuBLAS) may move the last bits of a row's logits with the batch.
+A preempted request recomputes its generated tokens as prompt: the same tokens in practice,
+not bitwise the same K/V.
 
     engine = fuselm.Engine(model, max_num_seqs=8)
     h = engine.submit("The capital of France is", SamplingParams(max_new_tokens=16))
@@ -14,6 +18,7 @@ chunk in its own, so a request's output never depends on what else runs.
 """
 import asyncio
 import logging
+import numbers
 import os
 import queue
 import re
@@ -61,7 +66,8 @@ class RequestHandle:
         self._engine, self._req = engine, req
         self._queue = queue.Queue()  # text pieces, then _DONE
         self._lock = threading.Lock()
-        self._loop = self._aqueue = None
+        self._loop = self._aqueue = None  # set by async iteration: pieces then go to its asyncio queue
+        self._drained = False             # _DONE was handed out
         self.completion = None
         self.error = None  # set when the engine failed the request (a bug): iterating raises it
 
@@ -79,23 +85,38 @@ class RequestHandle:
 
     def _put(self, item):  # engine side
         with self._lock:
-            self._queue.put(item)
-            if self._loop is not None:
+            if self._loop is None:
+                self._queue.put(item)
+                return
+            try:
                 self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+            except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
+                self._loop = None
+                self._req.cancel_requested = True
 
     def _get(self):
+        if self._drained:
+            return _DONE
         while True:
             try:
-                return self._queue.get_nowait()
+                item = self._queue.get_nowait()
+                break
             except queue.Empty:
                 pass
             if not self._engine.running:
                 if not self._engine.step() and self._queue.empty():
                     raise RuntimeError(f"request {self.id} has no work left but never finished")
-            else:
-                return self._queue.get()
+                continue
+            try:
+                item = self._queue.get(timeout=0.5)
+                break
+            except queue.Empty:
+                self._engine._check_loop()
+        self._drained = item is _DONE
+        return item
 
     def __iter__(self):
+        """The text as it comes; a handle's text is handed out once (a second iteration yields nothing)."""
         while (item := self._get()) is not _DONE:
             if item:
                 yield item
@@ -115,13 +136,15 @@ class RequestHandle:
         if not self._engine.running:
             raise RuntimeError("async iteration needs the engine's background loop: call engine.start() first")
         with self._lock:
-            self._loop, self._aqueue = asyncio.get_running_loop(), asyncio.Queue()
-            while not self._queue.empty():  # what came before this iterator
-                self._aqueue.put_nowait(self._queue.get_nowait())
+            if not self._drained:
+                self._loop, self._aqueue = asyncio.get_running_loop(), asyncio.Queue()
+                while not self._queue.empty():  # what came before this iterator
+                    self._aqueue.put_nowait(self._queue.get_nowait())
         try:
-            while (item := await self._aqueue.get()) is not _DONE:
+            while not self._drained and (item := await self._aqueue.get()) is not _DONE:
                 if item:
                     yield item
+            self._drained = True
             self._raise()
         finally:
             if self.completion is None:  # the consumer went away (a client disconnected): stop the request
@@ -150,7 +173,7 @@ class Engine:
         self.model, self.net, c = model, model.net, model.config
         self.block_size, self.context = block_size, c.max_position_embeddings
         per_block = block_size * model.kv_bytes_per_token
-        full = max_num_seqs * -(-self.context // block_size) * per_block
+        full = (max_num_seqs * -(-self.context // block_size) + 1) * per_block  # + block 0 (padding)
         budget = (min(full, int(0.25 * memory.free_bytes(model.device))) if kv_cache_memory is None
                   else parse_memory(kv_cache_memory, model.device))
         num_blocks = budget // per_block
@@ -219,8 +242,9 @@ class Engine:
         """A prompt (text or token ids) -> its token ids, checked."""
         if isinstance(prompt, str):
             ids = self.model.tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                       for t in prompt):
+            ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
             if bad:
                 raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model.config.vocab_size})")
@@ -266,7 +290,10 @@ class Engine:
         together and each prefill chunk alone."""
         if step.num_tokens <= self.mix_rows:
             return [(step.decode, step.prefill)]
-        return ([(step.decode, [])] if step.decode else []) + [([], [c]) for c in step.prefill]
+        # decode rows in passes of at most mix_rows (> 1: row-invariant kernels) or all together (1: none are)
+        size = self.mix_rows if self.mix_rows > 1 else max(1, len(step.decode))
+        decode = [step.decode[i:i + size] for i in range(0, len(step.decode), size)]
+        return [(d, []) for d in decode] + [([], [c]) for c in step.prefill]
 
     def _run(self, decode, chunks):
         batch, written, sampling = self._batch(decode, chunks)
@@ -318,12 +345,12 @@ class Engine:
         slots = [t[p // bs] * bs + p % bs for t, rows in zip(
             tables, [[lens[i] - 1] for i in range(len(decode))] + [range(p, p + n) for _, n, p in chunk_meta])
             for p in rows]
-        width = max(map(len, tables))
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        # every table max_blocks wide: a kernel's split of a row may follow the table width, which must then
+        # not depend on the other rows
+        M = self.max_blocks
+        table = torch.tensor([t + [0] * (M - len(t)) for t in tables], dtype=torch.int32, device=dev)
         as_long = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        batch = Batch(as_long(tokens), as_long(positions), as_long(slots), table.to(dev),
+        batch = Batch(as_long(tokens), as_long(positions), as_long(slots), table,
                       torch.tensor(lens, dtype=torch.int32, device=dev), len(decode), tuple(chunk_meta),
                       None if not chunks and len(last) == len(tokens) else as_long(last))
         return batch, slots, sampling
@@ -346,7 +373,7 @@ class Engine:
         self.scheduler.remove(req)
         req.text.flush()
         self.stats["prompt_tokens"] += len(req.prompt_ids)
-        self.stats["cached_tokens"] += req.num_cached
+        self.stats["cached_tokens"] += req.num_cached or 0
         handle = self._handles.pop(req.id)
         handle._put(req.text.take(True))
         handle.completion = Completion.of(req)
@@ -378,15 +405,29 @@ class Engine:
                 self.step()
             except Exception as e:  # a bug: fail every request rather than hang their clients
                 log.exception("fuselm: engine step failed")
-                self._fail_all(e)
+                self._end_all(error=e)
 
-    def _fail_all(self, error):
+    def _check_loop(self):
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            raise RuntimeError("the engine's background loop has died (see the log)")
+
+    def _end_all(self, error=None):
+        """Finish every request, running, waiting or just submitted: cancelled, or failed with error."""
         with self._lock:
-            for req in [*self.scheduler.running, *self.scheduler.waiting, *self._inbox]:
-                if req.id in self._handles:
-                    self._handles[req.id].error = error
+            with self._wake:
+                new, self._inbox = self._inbox, []
+            for req in [*self.scheduler.running, *self.scheduler.waiting, *new]:
+                handle = self._handles.get(req.id)
+                if handle is None:
+                    continue
+                handle.error = error
+                try:
                     self._finish(req, FinishReason.CANCELLED)
-            self._inbox = []
+                except Exception as e:  # one broken request must not keep the others waiting
+                    log.exception("fuselm: could not finish request %d", req.id)
+                    handle.error = handle.error or e
+                    self._handles.pop(req.id, None)
+                    handle._put(_DONE)
 
     def stop(self):
         """Stop the loop; requests still running are cancelled."""
@@ -396,11 +437,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        with self._lock:
-            for req in [*self.scheduler.running, *self.scheduler.waiting, *self._inbox]:
-                if req.id in self._handles:
-                    self._finish(req, FinishReason.CANCELLED)
-            self._inbox = []
+        self._end_all()
 
     def __enter__(self):
         return self.start()

@@ -96,9 +96,12 @@ class Request:
     text: Text
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list = field(default_factory=list)
+    all_ids: list = None        # prompt + output ids, appended to (never rebuilt)
     block_table: list = field(default_factory=list)  # KV block ids, position p in block_table[p // block_size]
+    block_hashes: list = field(default_factory=list)  # prefix digests of the first full blocks (blocks.py)
+    num_committed: int = 0      # leading blocks offered to the prefix cache since the last admission
     num_computed: int = 0       # tokens whose K/V are in the cache
-    num_cached: int = 0         # of the prompt's tokens, how many came from the prefix cache (last admission)
+    num_cached: int | None = None  # prompt tokens the prefix cache served at the first admission
     finish_reason: FinishReason | None = None
     cancel_requested: bool = False
     generator: torch.Generator | None = None
@@ -107,13 +110,12 @@ class Request:
     token_times: list = field(default_factory=list)  # perf_counter of each output token
     preemptions: int = 0
 
-    @property
-    def all_ids(self):
-        return self.prompt_ids + self.output_ids
+    def __post_init__(self):
+        self.all_ids = list(self.prompt_ids)
 
     @property
     def num_tokens(self):
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.all_ids)
 
     @property
     def num_uncomputed(self):
@@ -128,11 +130,6 @@ class Request:
     def finished(self):
         return self.finish_reason is not None
 
-    @property
-    def max_tokens(self):
-        """The most tokens (prompt + output) this request can hold."""
-        return len(self.prompt_ids) + self.params.max_new_tokens
-
     def add_token(self, token, now):
         """Append a sampled token and decide whether the request is finished."""
         if self.first_token_time is None:
@@ -142,6 +139,7 @@ class Request:
             self.finish_reason = FinishReason.STOP
             return
         self.output_ids.append(token)
+        self.all_ids.append(token)
         if self.text.push(token):
             self.finish_reason = FinishReason.STOP
         elif len(self.output_ids) >= self.params.max_new_tokens:
@@ -165,4 +163,4 @@ class Completion:
         times = [b - a for a, b in zip(r.token_times, r.token_times[1:])]
         ttft = None if r.first_token_time is None else r.first_token_time - r.arrival
         return cls(r.text.text, list(r.output_ids), r.finish_reason, len(r.prompt_ids), len(r.output_ids),
-                   r.num_cached, ttft, times)
+                   r.num_cached or 0, ttft, times)
