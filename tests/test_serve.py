@@ -488,6 +488,49 @@ def test_32_concurrent_clients_each_get_their_solo_result(server, client):
     wait_idle(server)
 
 
+def _rss(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's memory from /proc")
+def test_bounded_load_64_clients(server, client):
+    """64 clients, each up to 4 requests within 20 s (loopback only), more than the 8 running + 40 queued the
+    server takes: every request is answered with its solo result or refused with 503 queue_full (nothing
+    lost or corrupted), the engine is idle afterwards and the server's memory near its idle level."""
+    expected = {p: complete(client, p, max_tokens=8, temperature=0).choices[0].text for p in PROMPTS}
+    wait_idle(server)
+    idle = _rss(server.proc.pid)
+    deadline = time.monotonic() + 20
+
+    def client_loop(i):
+        got = []
+        for j in range(4):
+            if time.monotonic() > deadline:
+                break
+            prompt = PROMPTS[(i + j) % len(PROMPTS)]
+            try:
+                if (i + j) % 2:
+                    texts, _ = stream_text(client, prompt, max_tokens=8, temperature=0)
+                    got.append((prompt, texts[0]))
+                else:
+                    got.append((prompt, complete(client, prompt, max_tokens=8, temperature=0).choices[0].text))
+            except openai.APIStatusError as e:
+                assert e.status_code == 503 and e.body["code"] == "queue_full", e
+                got.append((prompt, None))
+        return got
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = [r for rs in pool.map(client_loop, range(64)) for r in rs]
+    answered = [(prompt, text) for prompt, text in results if text is not None]
+    assert len(answered) >= 48
+    assert all(text == expected[prompt] for prompt, text in answered)
+    wait_idle(server)
+    assert _rss(server.proc.pid) < idle * 1.25 + 64 * 2**20
+
+
 # ---------------------------------------------------------------- lifecycle
 
 def test_sigterm_stops_cleanly_with_a_request_in_flight(tiny_dir, tmp_path):
