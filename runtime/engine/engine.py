@@ -264,6 +264,15 @@ class Engine:
     def has_work(self):
         return bool(self._inbox) or self.scheduler.has_work()
 
+    @property
+    def num_running(self):
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self):
+        """Requests not yet admitted: queued, or submitted since the last step."""
+        return len(self.scheduler.waiting) + len(self._inbox)
+
     def step(self):
         """One engine step; False when there was nothing to do."""
         with self._lock:

@@ -23,11 +23,10 @@ class _EngineCollector:
         engine = self.state.engine
         if engine is None:
             return
-        s = engine.scheduler
-        waiting = len(s.waiting) + len(engine._inbox)  # submitted, not yet taken by a step: waiting too
         yield GaugeMetricFamily("fuselm:num_requests_running", "Requests with KV blocks in the engine",
-                                value=len(s.running))
-        yield GaugeMetricFamily("fuselm:num_requests_waiting", "Requests queued for admission", value=waiting)
+                                value=engine.num_running)
+        yield GaugeMetricFamily("fuselm:num_requests_waiting", "Requests queued for admission",
+                                value=engine.num_waiting)
         blocks = engine.blocks
         yield GaugeMetricFamily("fuselm:kv_cache_blocks_used", "KV-cache blocks referenced by requests",
                                 value=blocks.usable - blocks.num_free)
