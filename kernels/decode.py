@@ -1,4 +1,4 @@
-"""Decode attention over a static KV cache: split-KV flash-decoding in Triton.
+"""Decode attention over a KV cache, static or paged: split-KV flash-decoding in Triton.
 
 For each sequence b and query head h (one new token per sequence):
 
@@ -7,6 +7,19 @@ For each sequence b and query head h (one new token per sequence):
 with L_b = seqlens[b], S_b = kv_start[b] (left padding; 0 when not given),
 G = Hq // Hkv query heads per KV head (GQA; G = 1 is MHA, Hkv = 1 is MQA).
 A row that sees no key (L_b <= S_b) outputs zeros.
+
+Paged cache (`paged_decode_attention`): pools [num_blocks, P, Hkv, D] shared
+by all rows and block tables [B, M] (int32 block ids), with
+
+    k[b, j] = k_pool[block_tables[b, j // P], j % P]     (the same for v), S_b = 0,
+
+so row b's keys may lie in any blocks, shared with other rows, and P may be any
+size (1, 5, 16, ...). The kernel is the dense one with PAGED set: only the K/V
+addresses differ, computed per key in each tile from the table entry
+(`page_slots`) instead of stepped along a row. The table and the pools are
+read only at positions j < L_b, so unused entries may hold any id and unused
+slots any value (NaN too). The launch is that of a dense cache of
+Smax = M * P positions.
 
 One query per sequence is too little work to fill a GPU, so the cache length is
 cut into chunks of CHUNK positions and (split, kv head, batch) programs run in
@@ -24,9 +37,9 @@ loop starts at the tile holding S_b, so padding costs no K/V reads. When the
 whole cache fits in one chunk the split kernel normalizes and writes the output
 itself (one launch).
 
-CHUNK depends only on Smax and the device, never on the batch size or on the
-values in seqlens or kv_start: the launch shape is static (CUDA-graph capturable, no host
-sync) and a row's reduction order does not depend on the rest of the batch
+CHUNK depends only on Smax (paged: M * P) and the device, never on the batch size or on the
+values in seqlens, kv_start or the block tables: the launch shape is static (CUDA-graph
+capturable, no host sync) and a row's reduction order does not depend on the rest of the batch
 (batch invariance).
 
 Head group and tl.dot: the scores q K^T for a group are a [G, BLOCK_N] tile and
@@ -40,6 +53,10 @@ Bytes moved (the limit): K and V read once, sum_b (L_b - S_b) * Hkv * D * 2 * el
 (S_b rounded down to a tile),
 plus q and out (B * Hq * D * elt each); the partials add B * Hq * splits *
 (D + 1) * 4 written and read once, small next to the cache at long context.
+Paged: the same K/V bytes (each key row is D contiguous elements wherever its
+block lies), plus the table entries each (split, kv head) program reads,
+Hkv * sum_b ceil(L_b / P) * 4 bytes (the P keys of a block share one int32):
+4 / (2 * D * P * elt) of the K/V bytes, 1.6% at P = 1, D = 64 in bf16.
 FLOPs: 4 * sum_b (L_b - S_b) * Hq * D.
 """
 import functools
@@ -66,20 +83,34 @@ def _visible_range(Seqlens_ptr, KvStart_ptr, b, SMAX, HAS_KV_START: tl.constexpr
 
 
 @triton.jit
+def page_slots(Table_ptr, stride_tm, cols, valid, PAGE_SIZE: tl.constexpr):
+    """Where key positions `cols` [BLOCK_N] of one row live in a paged pool: (block, slot) =
+    (block_table[cols // PAGE_SIZE], cols % PAGE_SIZE), the block int64 (block * stride may pass 2^31).
+    Table_ptr points at the row's block table; positions not `valid` read no entry (block 0, never
+    dereferenced: their K/V loads are masked too), so unused entries may hold anything."""
+    blocks = tl.load(Table_ptr + (cols // PAGE_SIZE) * stride_tm, mask=valid, other=0)
+    return blocks.to(tl.int64), cols % PAGE_SIZE
+
+
+@triton.jit
 def _decode_split_kernel(
-    Q_ptr, K_ptr, V_ptr, Seqlens_ptr, KvStart_ptr, Out_ptr, OPart_ptr, Lse_ptr,
+    Q_ptr, K_ptr, V_ptr, Seqlens_ptr, KvStart_ptr, Table_ptr, Out_ptr, OPart_ptr, Lse_ptr,
     stride_qb, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_kb, stride_ks, stride_kh, stride_kd,   # caches [B, Smax, Hkv, D]; pools [blocks, PAGE_SIZE, Hkv, D]
     stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_tb, stride_tm,                         # block tables [B, M] (PAGED only)
     stride_ob, stride_oh,                         # Out [B, Hq, D], last dim contiguous
     stride_pb, stride_ph, stride_ps,              # OPart [B, Hq, splits, D], last dim contiguous
     stride_lb, stride_lh,                         # Lse [B, Hq, splits], last dim contiguous
     qk_scale, GROUP, SMAX, HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, HAS_KV_START: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     # UPCAST: bf16 dot operands go to fp32 under the interpreter only (its bf16 tl.dot multiplies
     # raw bit patterns). DOT_PRECISION: "ieee" keeps fp32 caches out of tf32 on the GPU.
+    # PAGED: key j of row b is K[block_tables[b, j // PAGE_SIZE], j % PAGE_SIZE] (SMAX = M * PAGE_SIZE);
+    # only the K/V addresses differ, computed per tile from the table instead of stepped.
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # int64: b * stride overflows int32 on large caches
@@ -103,7 +134,8 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)      # [BLOCK_G, BLOCK_D]
     if UPCAST:
         q = q.to(tl.float32)
-    # K^T tile pointers [BLOCK_D, BLOCK_N] and V tile pointers [BLOCK_N, BLOCK_D] at key `first`
+    # K^T tile pointers [BLOCK_D, BLOCK_N] and V tile pointers [BLOCK_N, BLOCK_D] at key `first`,
+    # stepped one tile per iteration (PAGED: computed per tile from the block table instead)
     k_ptrs = (K_ptr + b * stride_kb + kvh * stride_kh
               + offs_d[:, None] * stride_kd + (first + offs_n)[None, :] * stride_ks)
     v_ptrs = (V_ptr + b * stride_vb + kvh * stride_vh
@@ -115,6 +147,12 @@ def _decode_split_kernel(
     for n in range(first, end, BLOCK_N):
         # keys before kv_lo or past seqlen are never loaded, so garbage (NaN) there cannot leak in
         mask_n = ((n + offs_n) >= kv_lo) & ((n + offs_n) < end)
+        if PAGED:
+            blocks, slots = page_slots(Table_ptr + b * stride_tb, stride_tm, n + offs_n, mask_n, PAGE_SIZE)
+            k_rows = blocks * stride_kb + slots * stride_ks                       # [BLOCK_N] int64
+            v_rows = blocks * stride_vb + slots * stride_vs
+            k_ptrs = K_ptr + kvh * stride_kh + offs_d[:, None] * stride_kd + k_rows[None, :]
+            v_ptrs = V_ptr + kvh * stride_vh + v_rows[:, None] + offs_d[None, :] * stride_vd
         k = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
         if UPCAST:
             k = k.to(tl.float32)
@@ -134,8 +172,9 @@ def _decode_split_kernel(
             p, v = p.to(tl.float32), v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
+        if not PAGED:
+            k_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_vs
 
     mask_gd = mask_g[:, None] & mask_d[None, :]
     if SPLIT:
@@ -215,16 +254,36 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None):
 
     The output is in q.dtype; row b attends keys [kv_start[b], seqlens[b]).
     """
+    return _decode(q, k_cache, v_cache, seqlens, scale, kv_start, None)
+
+
+def paged_decode_attention(q, k_pool, v_pool, block_tables, seqlens, scale=None):
+    """q [B, Hq, D], pools [num_blocks, block_size, Hkv, D] (any strides), block_tables [B, M] int32,
+    seqlens [B] -> [B, Hq, D] in q.dtype; row b attends its keys [0, seqlens[b]), key j at
+    pool[block_tables[b, j // block_size], j % block_size]. The split plan is that of a dense
+    cache of M * block_size positions: a function of the shapes only."""
+    return _decode(q, k_pool, v_pool, seqlens, scale, None, block_tables)
+
+
+def _decode(q, k_cache, v_cache, seqlens, scale, kv_start, block_tables):
+    """Both launchers: a dense cache [B, Smax, Hkv, D], or pools read through block_tables [B, M]."""
     B, Hq, D = q.shape
-    Smax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[2]
+    paged = block_tables is not None
+    # the positions a row may have: Smax, or M blocks of block_size keys (shapes, never seqlens values)
+    Smax = block_tables.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     group = Hq // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    if paged and Smax == 0:  # no block in the table, or blocks of no key: no row sees a key
+        return out.zero_()
     seqlens = _rows(seqlens)
     has_start = kv_start is not None
     kv_start = _rows(kv_start) if has_start else seqlens  # without kv_start the pointer is never read
+    table = block_tables if paged else seqlens            # without a table the pointer is never read
+    table_strides = block_tables.stride() if paged else (0, 0)
 
     chunk, block_n = split_plan(Smax, D, q.device)
     if q.dtype == torch.float32:
@@ -234,6 +293,11 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None):
         block_n, warps, stages = 16, 8, 2
     else:  # 3 stages of K/V tiles in flight for 16-bit caches
         warps, stages = 4, 3
+    if paged:
+        # a 64-bit address per key row and the table entries stay live: at 4 warps (16-bit) or 2
+        # stages (fp32) a few cases spill 8-32 bytes on sm_90; 8 warps and 3 stages spill none in
+        # the thorough matrix (tests/test_triton_compile.py). Untimed.
+        warps, stages = 8, 3
     splits = max(1, triton.cdiv(Smax, chunk))
     block_d = max(16, triton.next_power_of_2(D))
     if splits > 1:
@@ -244,13 +308,14 @@ def decode_attention(q, k_cache, v_cache, seqlens, scale=None, kv_start=None):
         o_part = lse = out
         part_strides = (0,) * 5
     _decode_split_kernel[(splits, Hkv, B)](
-        q, k_cache, v_cache, seqlens, kv_start, out, o_part, lse,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        q, k_cache, v_cache, seqlens, kv_start, table, out, o_part, lse,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *table_strides,
         out.stride(0), out.stride(1), *part_strides,
         scale * LOG2E, group, Smax, D,
         CHUNK=chunk, BLOCK_N=block_n, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         SPLIT=splits > 1, HAS_KV_START=has_start, UPCAST=_interpreting() and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PAGED=paged, PAGE_SIZE=k_cache.shape[1] if paged else 1,
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:

@@ -10,7 +10,13 @@ NaN), and left padding: per-row kv_start (0, inside the first key tile, across
 several tiles, a fully padded row) with NaN written into the padding, which
 must never reach the output. Explicit tests cover head dim 256, queries that
 see no key, NaN rows, large scores, batch invariance, kv_start of zeros
-(bitwise the same as none) and kv_start argument checks.
+(bitwise the same as none) and kv_start argument checks. Paged attention
+(queries after a cached prefix, keys read through block tables; tests/test_decode.py's
+paged_kv builds the cache) is drawn over block sizes, prefix lengths (none,
+some, a full table, nothing stored), Sq = 1 and chunks, strided pools and q,
+shared blocks, wild unused table entries and NaN/inf in unseen slots; explicit
+tests cover each block size and dtype, no prefix against dense attention,
+batch invariance and block table checks.
 Under the interpreter (no GPU) lengths stay small: it runs every tile in numpy.
 """
 import pytest
@@ -21,6 +27,7 @@ from hypothesis import strategies as st
 from fuselm import ops, reference
 from tests.checks import assert_matches, kernel_backends
 from tests.conftest import DEVICE
+from tests.test_decode import paged_backends, paged_kv
 
 BACKENDS = kernel_backends("attention")
 MAX_LEN = 300 if DEVICE.type == "cuda" else 64
@@ -196,3 +203,120 @@ def test_head_dim_too_large_for_triton():
     q = torch.randn(1, 4, 2, 272, device=DEVICE)
     with pytest.raises(ValueError, match="head dims up to"):
         ops.attention(q, q, q, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV cache: queries after a cached prefix, keys read through block tables
+# ---------------------------------------------------------------------------------------------
+
+PAGED_BACKENDS = paged_backends("paged_attention")
+
+
+def _check_paged(backend, seqlens, Sq, M, page, Hkv, group, D, dtype, causal=True, scale=None, layout="contiguous",
+                 share=0, table_sliced=False, q_layout="packed", garbage=float("nan"), seed=0):
+    """paged_attention against the reference on a paged cache built by tests/test_decode.py's paged_kv."""
+    B, Hq = len(seqlens), Hkv * group
+    k_pool, v_pool, tables, ref_tables = paged_kv(seqlens, M, page, Hkv, D, dtype, layout=layout, share=share,
+                                                  garbage=garbage, table_sliced=table_sliced, seed=seed)
+    (q,) = _make(B, Sq, [Hq], D, dtype, q_layout, torch.Generator().manual_seed(seed + 1))
+    lengths = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    out = ops.paged_attention(q, k_pool, v_pool, tables, lengths, causal=causal, scale=scale, backend=backend)
+    expected = reference.paged_attention(q, k_pool, v_pool, ref_tables, lengths, causal=causal, scale=scale)
+    what = (f"seqlens={seqlens} Sq={Sq} M={M} page={page} Hq={Hq} Hkv={Hkv} D={D} {dtype} causal={causal} "
+            f"scale={scale} {layout} share={share} q {q_layout}")
+    assert_matches(out, expected, dtype, what)
+    return q, k_pool, v_pool, tables, lengths, out
+
+
+@st.composite
+def paged_cases(draw):
+    page = draw(st.one_of(st.sampled_from([1, 5, 16]), st.integers(1, 24)))
+    M = draw(st.integers(1, max(1, MAX_LEN // page)))
+    Sk = M * page
+    Sq = draw(st.one_of(st.just(1), st.integers(1, Sk)))
+    # per row: no prefix (Sq keys, all the queries' own), a prefix, the full table, nothing stored
+    row_len = st.one_of(st.just(Sq), st.integers(Sq, Sk), st.just(Sk), st.just(0))
+    B = draw(st.integers(1, 3))
+    Hkv = draw(st.integers(1, 3))
+    return dict(
+        seqlens=draw(st.lists(row_len, min_size=B, max_size=B)), Sq=Sq, M=M, page=page, Hkv=Hkv,
+        group=draw(st.sampled_from([1, 2, 4, 5])), D=draw(st.sampled_from([64, 80, 96, 128])),
+        dtype=draw(st.sampled_from(DTYPES)), causal=draw(st.booleans()),
+        scale=draw(st.sampled_from([None, 0.05, 0.3, 1.0, -0.2])),
+        layout=draw(st.sampled_from(["contiguous", "kv_packed", "sliced", "head_major"])),
+        share=draw(st.integers(0, M)), table_sliced=draw(st.booleans()),
+        q_layout=draw(st.sampled_from(["contiguous", "packed", "bhsd", "strided_d"])),
+        garbage=draw(st.sampled_from([None, float("nan"), float("inf")])), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@given(case=paged_cases())
+@example(case=dict(seqlens=[45, 0, 64], Sq=45, M=4, page=16, Hkv=2, group=2, D=64, dtype=torch.bfloat16,
+                   causal=True, scale=None, layout="kv_packed", share=2, table_sliced=True, q_layout="packed",
+                   garbage=float("nan"), seed=1))  # no prefix, nothing stored, a full table (a prefix)
+@example(case=dict(seqlens=[37, 1, 20], Sq=1, M=40, page=1, Hkv=1, group=5, D=80, dtype=torch.float16,
+                   causal=True, scale=None, layout="sliced", share=10, table_sliced=False, q_layout="bhsd",
+                   garbage=float("inf"), seed=2))  # one query (a decode step), one key per block, MQA
+@example(case=dict(seqlens=[23, 7, 50], Sq=7, M=11, page=5, Hkv=3, group=1, D=96, dtype=torch.float32,
+                   causal=False, scale=0.3, layout="head_major", share=1, table_sliced=True,
+                   q_layout="strided_d", garbage=float("nan"), seed=3))  # an odd block size, not causal
+def test_paged_matches_reference(backend, case):
+    """Queries after a prefix (bottom-right causal per row) over any block size; shared blocks, unused
+    table entries pointing anywhere and NaN/inf in every slot no row sees must not matter."""
+    _check_paged(backend, **case)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@pytest.mark.parametrize("page", [1, 5, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Sq", [1, 19])
+def test_paged_block_sizes(backend, page, dtype, Sq):
+    """Each block size and dtype, one query and a chunk: a row without prefix (seqlens = Sq), an empty
+    row, a full table and an odd prefix, GQA, rows sharing blocks, NaN in every unused slot."""
+    M = 48 // page
+    _check_paged(backend, [Sq, 0, M * page, Sq + 13], Sq, M, page, Hkv=2, group=2, D=64, dtype=dtype,
+                 share=M // 3, table_sliced=True)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_paged_no_prefix_matches_dense(backend, causal):
+    """seqlens = Sq for every row (a prompt's first chunk stored in the pool): the dense attention of
+    the same keys."""
+    q, k_pool, v_pool, tables, lengths, out = _check_paged(backend, [29, 29], 29, 6, 5, Hkv=2, group=2, D=64,
+                                                           dtype=torch.float16, causal=causal)
+    k, v = (reference.gather_pages(p, tables)[:, :29] for p in (k_pool, v_pool))
+    assert_matches(out, reference.attention(q, k, v, causal=causal), torch.float16, "dense")
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@pytest.mark.parametrize("page", [1, 16])
+def test_paged_batch_invariant(backend, page):
+    """A row's output is bitwise the same alone (its own table row, the same pools) or in a batch."""
+    M = 48 // page
+    seqlens = [40, 26, M * page]
+    k_pool, v_pool, tables, _ = paged_kv(seqlens, M, page, 2, 64, torch.float16, share=M // 2, seed=5)
+    (q,) = _make(3, 26, [4], 64, torch.float16, "packed", torch.Generator().manual_seed(5))
+    lengths = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    full = ops.paged_attention(q, k_pool, v_pool, tables, lengths, backend=backend)
+    for b in range(3):
+        alone = ops.paged_attention(q[b:b + 1], k_pool, v_pool, tables[b:b + 1], lengths[b:b + 1], backend=backend)
+        assert torch.equal(full[b:b + 1], alone)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@pytest.mark.parametrize("tables, match", [
+    (torch.zeros(2, 3, dtype=torch.int64), "int32"),
+    (torch.zeros(1, 3, dtype=torch.int32), r"\[B=2, max_blocks\]"),
+    (torch.zeros(2, 3, 1, dtype=torch.int32), r"\[B=2, max_blocks\]"),
+    (None, "a NoneType"),
+])
+def test_paged_block_tables_checked(backend, tables, match):
+    q = torch.randn(2, 3, 4, 16, device=DEVICE)
+    pool = torch.randn(6, 4, 2, 16, device=DEVICE)
+    seqlens = torch.full((2,), 8, dtype=torch.int32, device=DEVICE)
+    if isinstance(tables, torch.Tensor):
+        tables = tables.to(DEVICE)
+    with pytest.raises(ValueError, match=rf"block_tables must be .*{match}"):
+        ops.paged_attention(q, pool, pool, tables, seqlens, backend=backend)

@@ -6,6 +6,13 @@ splits past seqlens; on a GPU the chunks are >= 256 keys and the sizes grow.
 Left padding (kv_start) is drawn per row: 0, inside the first tile, at and
 around chunk boundaries (whole splits skipped), up to seqlens (no key seen);
 garbage fills both the padding and the positions past seqlens.
+
+The paged kernel (pools read through block tables) is tested the same way over
+block sizes 1, 5, 16 and any other, tables of 1 to M blocks, lengths from 0 to
+a full table, rows sharing blocks, unused table entries holding ids outside the
+pool, NaN/inf in every pool slot no row sees, strided pools, tables and q,
+batch invariance and block table checks. `paged_kv` builds such a cache (the
+prefill tests in test_attention.py use it too).
 """
 import pytest
 import torch
@@ -248,3 +255,217 @@ def test_cuda_graph_capture(backend):
         graph.replay()
         expected = reference.decode_attention(q, k, v, seqlens, kv_start=kv_start)
         assert_matches(out, expected, dtype, what=f"{lens} {starts}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV cache: pools [num_blocks, block_size, Hkv, D] read through block tables [B, M]
+# ---------------------------------------------------------------------------------------------
+
+def paged_backends(op):
+    """The kernel backends whose module defines `op` already (each must pass the paged tests)."""
+    import importlib
+    return [b for b in kernel_backends(op) if hasattr(importlib.import_module(ops._MODULES[b][op]), op)]
+
+
+PAGED_BACKENDS = paged_backends("paged_decode_attention")
+# ids an unused table entry may hold: outside the pool, negative, int32's extremes
+WILD_IDS = (-1, -2**31, 2**31 - 1, 10**6)
+
+
+def _pool(layout, blocks, page, hkv, D, dtype, magnitude, gen):
+    """(k_pool, v_pool) [blocks, page, Hkv, D]: separate tensors, one [blocks, 2, page, Hkv, D]
+    buffer (K and V of a block side by side), views into bigger buffers, or head-major storage."""
+    def randn(*shape):
+        return (torch.randn(shape, generator=gen) * magnitude).to(dtype=dtype, device=DEVICE)
+    if layout == "kv_packed":
+        both = randn(blocks, 2, page, hkv, D)
+        return both[:, 0], both[:, 1]
+    if layout == "sliced":
+        return tuple(randn(blocks + 2, page, hkv + 1, D + 8)[1:-1, :, 1:, 3:D + 3] for _ in range(2))
+    if layout == "head_major":
+        return tuple(randn(blocks, hkv, page, D).transpose(1, 2) for _ in range(2))
+    return randn(blocks, page, hkv, D), randn(blocks, page, hkv, D)
+
+
+def paged_kv(seqlens, M, page, hkv, D, dtype, *, magnitude=1.0, layout="contiguous", share=0, garbage=None,
+             table_sliced=False, seed=0):
+    """A paged cache for rows of lengths `seqlens` (ints), M table entries of `page` keys each:
+    (k_pool, v_pool, block_tables, ref_tables).
+
+    Blocks are taken in random order, with spare blocks in the pool; rows b > 0 share row 0's first
+    `share` blocks (a common prefix). Entries past a row's last block point anywhere in block_tables
+    (ids outside the pool too, never read) and at block 0 in ref_tables (what the reference can
+    index). `garbage` (NaN, inf) fills every pool slot that no row sees. block_tables may be a
+    column slice of a wider table."""
+    gen = torch.Generator().manual_seed(seed)
+    B = len(seqlens)
+    blocks = B * M + 3
+    k_pool, v_pool = _pool(layout, blocks, page, hkv, D, dtype, magnitude, gen)
+    table = torch.randperm(blocks, generator=gen)[:B * M].view(B, M)
+    table[1:, :share] = table[0, :share]
+    used = torch.tensor([-(-min(max(n, 0), M * page) // page) for n in seqlens]).view(B, 1)
+    unused = torch.arange(M).view(1, M) >= used                                   # [B, M]
+    wild = torch.tensor(WILD_IDS)[torch.randint(len(WILD_IDS), (B, M), generator=gen)]
+    tables = torch.where(unused, wild, table), torch.where(unused, 0, table)
+    if garbage is not None:
+        seen = torch.zeros(blocks, page, dtype=torch.bool)
+        for b, n in enumerate(seqlens):
+            j = torch.arange(min(max(n, 0), M * page))
+            seen[table[b, j // page], j % page] = True
+        k_pool[~seen.to(DEVICE)] = garbage
+        v_pool[~seen.to(DEVICE)] = garbage
+    if table_sliced:  # a row stride wider than M
+        tables = tuple(torch.cat([t, t[:, :2]], 1)[:, :M] for t in tables)
+    block_tables, ref_tables = (t.to(dtype=torch.int32, device=DEVICE) for t in tables)
+    return k_pool, v_pool, block_tables, ref_tables
+
+
+@st.composite
+def paged_decode_cases(draw):
+    B = draw(st.integers(1, 3))
+    page = draw(st.one_of(st.sampled_from([1, 5, 16]), st.integers(1, 24)))
+    M = draw(st.integers(1, max(1, MAX_SMAX // page)))
+    smax = M * page
+    D = draw(st.sampled_from([16, 24, 64, 80, 128]))
+    chunk = _chunk(smax, D)
+    special = [0, 1, smax, page - 1, page, page + 1, chunk - 1, chunk, chunk + 1]
+    row_len = st.one_of(st.sampled_from([n for n in special if 0 <= n <= smax]), st.integers(0, smax))
+    return dict(
+        seqlens=draw(st.lists(row_len, min_size=B, max_size=B)), M=M, page=page,
+        hkv=draw(st.integers(1, 3)), group=draw(st.sampled_from([1, 2, 3, 4, 8])), D=D,
+        dtype=draw(st.sampled_from(DTYPES)), seqlens_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0))),
+        layout=draw(st.sampled_from(["contiguous", "kv_packed", "sliced", "head_major"])),
+        share=draw(st.integers(0, M)), table_sliced=draw(st.booleans()), q_sliced=draw(st.booleans()),
+        magnitude=draw(st.sampled_from([1.0, 1.0, 20.0])),
+        garbage=draw(st.sampled_from([None, float("nan"), float("inf")])), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _check_paged_decode(backend, seqlens, M, page, hkv, group, D, dtype, seqlens_dtype=torch.int32, scale=None,
+                        layout="contiguous", share=0, table_sliced=False, q_sliced=True, magnitude=1.0,
+                        garbage=float("nan"), seed=0):
+    B, hq = len(seqlens), hkv * group
+    k_pool, v_pool, tables, ref_tables = paged_kv(seqlens, M, page, hkv, D, dtype, magnitude=magnitude,
+                                                  layout=layout, share=share, garbage=garbage,
+                                                  table_sliced=table_sliced, seed=seed)
+    q = _randn((B, hq + 2 * hkv, D) if q_sliced else (B, hq, D), dtype, magnitude)[:, :hq]  # from a fused qkv
+    lengths = torch.tensor(seqlens, dtype=seqlens_dtype, device=DEVICE)
+    expected = reference.paged_decode_attention(q, k_pool, v_pool, ref_tables, lengths, scale=scale)
+    out = ops.paged_decode_attention(q, k_pool, v_pool, tables, lengths, scale=scale, backend=backend)
+    k, v = reference.gather_pages(k_pool, ref_tables), reference.gather_pages(v_pool, ref_tables)
+    atol = _tolerance(q, k, v, D ** -0.5 if scale is None else scale, expected)
+    what = f"seqlens={seqlens} M={M} page={page} hkv={hkv} group={group} D={D} {dtype} {layout} share={share}"
+    assert_matches(out, expected, dtype, what=what, atol=atol)
+    empty = lengths <= 0
+    assert torch.equal(out[empty], torch.zeros_like(out[empty])), "a row that sees no key must give zeros"
+    return q, k_pool, v_pool, tables, lengths, out
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@given(case=paged_decode_cases())
+@example(case=dict(seqlens=[0, 48, 37], M=3, page=16, hkv=2, group=3, D=64, dtype=torch.bfloat16,
+                   seqlens_dtype=torch.int32, scale=None, layout="kv_packed", share=2, table_sliced=True,
+                   q_sliced=True, magnitude=1.0, garbage=float("nan"), seed=1))  # empty, full, shared prefix
+@example(case=dict(seqlens=[70, 1, 33], M=70, page=1, hkv=1, group=8, D=80, dtype=torch.float16,
+                   seqlens_dtype=torch.int64, scale=0.3, layout="sliced", share=40, table_sliced=False,
+                   q_sliced=False, magnitude=20.0, garbage=float("inf"), seed=2))  # one key per block, MQA
+@example(case=dict(seqlens=[64, 17, 5], M=13, page=5, hkv=3, group=1, D=24, dtype=torch.float32,
+                   seqlens_dtype=torch.int32, scale=None, layout="head_major", share=1, table_sliced=True,
+                   q_sliced=True, magnitude=1.0, garbage=float("nan"), seed=3))  # an odd block size, MHA
+def test_paged_matches_reference(backend, case):
+    """Any block size, lengths 0 .. M * block_size, shared blocks, unused entries pointing anywhere,
+    NaN/inf in every slot no row sees, strided pools, tables and q."""
+    _check_paged_decode(backend, **case)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@pytest.mark.parametrize("page", [1, 5, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_block_sizes(backend, page, dtype):
+    """Each block size and dtype: an empty row, a full table, an odd length across several splits,
+    GQA, rows sharing blocks, wild unused entries and NaN everywhere else."""
+    M = 64 // page
+    _check_paged_decode(backend, [0, M * page, M * page // 2 + 3], M, page, hkv=2, group=4, D=32, dtype=dtype,
+                        share=M // 3, table_sliced=True)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@given(B=st.integers(2, 4), page=st.sampled_from([1, 5, 16]), dtype=st.sampled_from(DTYPES), data=st.data())
+def test_paged_batch_invariance(backend, B, page, dtype, data):
+    """Row b's output is bitwise the same alone (its own table row, the same pools) or in a batch."""
+    M = data.draw(st.integers(1, MAX_SMAX // page))
+    seqlens = data.draw(st.lists(st.integers(0, M * page), min_size=B, max_size=B))
+    k_pool, v_pool, tables, _ = paged_kv(seqlens, M, page, 2, 32, dtype, share=M // 2, seed=B)
+    q = _randn((B, 8, 32), dtype)
+    lengths = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    full = ops.paged_decode_attention(q, k_pool, v_pool, tables, lengths, backend=backend)
+    b = data.draw(st.integers(0, B - 1))
+    alone = ops.paged_decode_attention(q[b:b + 1], k_pool, v_pool, tables[b:b + 1], lengths[b:b + 1], backend=backend)
+    assert torch.equal(full[b:b + 1], alone)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+def test_paged_out_of_range_seqlens_clamp_like_reference(backend):
+    """seqlens outside [0, M * block_size] break the contract; the kernel still reads no entry past
+    the table and agrees with the reference (negative: nothing visible, too long: every key)."""
+    page, M = 5, 9
+    k_pool, v_pool, tables, ref_tables = paged_kv([M * page] * 3, M, page, 1, 32, torch.float16)
+    q = _randn((3, 4, 32), torch.float16)
+    lengths = torch.tensor([-4, M * page + 1, 10**6], dtype=torch.int64, device=DEVICE)
+    out = ops.paged_decode_attention(q, k_pool, v_pool, tables, lengths, backend=backend)
+    assert_matches(out, reference.paged_decode_attention(q, k_pool, v_pool, ref_tables, lengths), torch.float16)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@pytest.mark.parametrize("B, hq, M, page", [(0, 4, 3, 16), (2, 0, 3, 16), (2, 4, 0, 16)])
+def test_paged_empty_shapes(backend, B, hq, M, page):
+    """Empty batch, no query heads, or a table of no blocks: the reference's empty/zero result."""
+    q = _randn((B, hq, 32), torch.float16)
+    pool = _randn((4, page, 2, 32), torch.float16)
+    tables = torch.zeros((B, M), dtype=torch.int32, device=DEVICE)
+    seqlens = torch.zeros(B, dtype=torch.int32, device=DEVICE)
+    out = ops.paged_decode_attention(q, pool, pool, tables, seqlens, backend=backend)
+    assert torch.equal(out, reference.paged_decode_attention(q, pool, pool, tables, seqlens))
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@pytest.mark.parametrize("tables, match", [
+    (torch.zeros(2, 3, dtype=torch.int64), "int32"),              # the engine's tables are int32
+    (torch.zeros(3, 3, dtype=torch.int32), r"\[B=2, max_blocks\]"),  # one row per sequence
+    (torch.zeros(6, dtype=torch.int32), r"\[B=2, max_blocks\]"),
+    ([[0, 1, 2], [3, 4, 5]], "a list"),
+])
+def test_paged_block_tables_checked(backend, tables, match):
+    q = torch.randn(2, 4, 16, device=DEVICE)
+    pool = torch.randn(6, 4, 2, 16, device=DEVICE)
+    seqlens = torch.full((2,), 8, dtype=torch.int32, device=DEVICE)
+    if isinstance(tables, torch.Tensor):
+        tables = tables.to(DEVICE)
+    with pytest.raises(ValueError, match=rf"block_tables must be .*{match}"):
+        ops.paged_decode_attention(q, pool, pool, tables, seqlens, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+def test_paged_cuda_graph_capture(backend):
+    """The paged decode step captures in a CUDA graph; replays follow seqlens and block tables
+    updated in place (the split plan is M * block_size's, whatever the lengths)."""
+    page, M, dtype = 16, 128, torch.bfloat16
+    seqlens = [1, 700, M * page]
+    k_pool, v_pool, tables, _ = paged_kv(seqlens, M, page, 2, 128, dtype, garbage=None)
+    q = _randn((3, 8, 128), dtype)
+    lengths = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    tables = torch.where(tables < 0, 0, tables).remainder(k_pool.shape[0])  # valid ids: updates below reuse them
+    ops.paged_decode_attention(q, k_pool, v_pool, tables, lengths, backend=backend)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.paged_decode_attention(q, k_pool, v_pool, tables, lengths, backend=backend)
+    for lens in ([0, 1, 2], [300, 1999, 1000], [M * page, 257, 513]):
+        lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+        tables.copy_(tables.roll(1, dims=0))
+        graph.replay()
+        expected = reference.paged_decode_attention(q, k_pool, v_pool, tables, lengths)
+        assert_matches(out, expected, dtype, what=f"{lens}")

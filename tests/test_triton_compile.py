@@ -10,9 +10,10 @@ sets it on machines without a GPU): one worker per core, each taking every
 N-th compilation.
 
 The "ci" hypothesis profile compiles a subset (every kernel, fp32 and bf16,
-head dim 80, causal attention); FUSELM_HYPOTHESIS_PROFILE=thorough compiles
-the whole matrix (fp16 too, head dims 64-256, non-causal attention, more
-widths, head groups and batch shapes).
+head dim 80, causal attention, dense and paged caches of 16-key blocks);
+FUSELM_HYPOTHESIS_PROFILE=thorough compiles the whole matrix (fp16 too, head
+dims 64-256, non-causal attention, block sizes 1, 5 and 16, more widths, head
+groups and batch shapes).
 """
 import json
 import os

@@ -59,6 +59,8 @@ GPUS = {80: Gpu(sms=108, max_shared=166912),   # A100
 # dim that is not a power of two; --full runs the whole matrix
 DTYPES = {False: (torch.float32, torch.bfloat16), True: (torch.float32, torch.float16, torch.bfloat16)}
 HEAD_DIMS = {False: (80,), True: (64, 80, 96, 128, 256)}
+# paged KV pools: the engine's block size; --full adds one key per block and an odd size
+PAGE_SIZES = {False: (16,), True: (1, 5, 16)}
 
 
 def _dt(dtype):
@@ -89,7 +91,8 @@ def norm_cases(full):
 
 def attention_cases(full):
     # 1024 query rows: the autotuner's pruning keeps every tile of the head dim. The CI subset
-    # compiles causal attention only (a language model's prefill), with and without padding.
+    # compiles causal attention only (a language model's prefill), with and without padding, dense
+    # and paged.
     for dtype in DTYPES[full]:
         for d in HEAD_DIMS[full]:
             q = torch.empty(1, 512, 2, d, dtype=dtype)                   # [B, Sq, Hq, D]
@@ -99,10 +102,18 @@ def attention_cases(full):
                     case = f"attention {_dt(dtype)} q[1, 512, 2, {d}] causal={causal}"
                     yield (case + " kv_start" * (kv_start is not None),
                            functools.partial(attention.attention, q, kv, kv, causal=causal, kv_start=kv_start))
+                for page in PAGE_SIZES[full]:  # the same 512 keys through a block table
+                    pool = torch.empty(64, page, 1, d, dtype=dtype)          # [blocks, page, Hkv, D]
+                    table = torch.empty(1, triton.cdiv(512, page), dtype=torch.int32)  # [B, M]
+                    yield (f"paged_attention {_dt(dtype)} q[1, 512, 2, {d}] pool[64, {page}, 1, {d}] "
+                           f"table{list(table.shape)} causal={causal}",
+                           functools.partial(attention.paged_attention, q, pool, pool, table,
+                                             torch.empty(1, dtype=torch.int32), causal=causal))
 
 
 def decode_cases(full):
-    # Smax 128: one split (the split kernel writes the output); 32768: many splits and the combine
+    # Smax 128: one split (the split kernel writes the output); 32768: many splits and the combine;
+    # each dense and as a paged pool of as many positions
     for dtype in DTYPES[full]:
         for d in HEAD_DIMS[full]:
             for group in (1, 8, 32) if full else (4,):
@@ -114,6 +125,12 @@ def decode_cases(full):
                     for kv_start in (None, torch.empty(1, dtype=torch.int32)):  # [B] left padding
                         yield (case + " kv_start" * (kv_start is not None),
                                functools.partial(decode.decode_attention, q, cache, cache, seqlens, kv_start=kv_start))
+                    for page in PAGE_SIZES[full]:  # the same positions through a block table
+                        pool = torch.empty(64, page, 1, d, dtype=dtype)      # [blocks, page, Hkv, D]
+                        table = torch.empty(1, triton.cdiv(smax, page), dtype=torch.int32)  # [B, M]
+                        yield (f"paged_decode_attention {_dt(dtype)} q[1, {group}, {d}] pool[64, {page}, 1, {d}] "
+                               f"table{list(table.shape)}",
+                               functools.partial(decode.paged_decode_attention, q, pool, pool, table, seqlens))
 
 
 def sampling_cases(full):
