@@ -71,6 +71,17 @@ from .decode import page_slots
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # q, acc and a K/V tile of BLOCK_D columns live in registers / shared memory
+# Triton's major.minor: its register allocation differs between versions, so the dense address
+# scheme and a few tiles below depend on it (checked on 3.6 and 3.9; 3.7 and 3.8 get 3.6's choices,
+# unchecked; README, "Triton versions").
+TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2])
+# Dense K/V addresses. Triton 3.9 compiles [BLOCK_D, BLOCK_N] pointer tensors stepped one tile per
+# iteration in 100-250 registers without spills. Triton 3.6 keeps those loop-carried tensors in
+# registers: nearly every tile reached 255 registers and spilled (up to 1.4 KB of stack per thread),
+# so there each tile forms its addresses from the [BLOCK_N] key offsets and the [BLOCK_D] columns,
+# as the paged kernel does, which compiles most tiles without spills. That form also runs on 3.9, but
+# there it moves a few of the tiles below to 255 registers and spills, so 3.9 keeps stepping.
+STEP_POINTERS = TRITON >= (3, 9)
 
 
 @triton.jit
@@ -79,17 +90,22 @@ def _attn_tile(
     Table_row, stride_tm, stride_kb, stride_ks, stride_vb, stride_vs,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    STEP_PTRS: tl.constexpr,
 ):
     """One online-softmax step over the key tile [start_n, start_n + BLOCK_N); keys < kv_lo are padding.
 
-    k_ptrs/v_ptrs point at the tile's K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] elements, or
-    with PAGED at the head's columns only ([BLOCK_D, 1], [1, BLOCK_D]): each key's row is then
-    looked up in the row's block table (Table_row), the one place the paged kernel differs."""
+    With STEP_PTRS, k_ptrs/v_ptrs point at the tile's K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D]
+    elements (the caller steps them). Otherwise they point at the head's columns only ([BLOCK_D, 1],
+    [1, BLOCK_D]) and each key's row is added here: key j's (dense), or with PAGED the block and
+    slot the row's block table (Table_row) gives, the one place the paged kernel differs."""
     cols = start_n + offs_n                                               # [BLOCK_N]
     if PAGED:  # entries past seqlen_k are never read: they may point anywhere
         blocks, slots = page_slots(Table_row, stride_tm, cols, cols < seqlen_k, PAGE_SIZE)
         k_ptrs = k_ptrs + blocks[None, :] * stride_kb + slots[None, :] * stride_ks
         v_ptrs = v_ptrs + blocks[:, None] * stride_vb + slots[:, None] * stride_vs
+    elif not STEP_PTRS:  # int64: j * stride may pass 2^31 in long packed-qkv views
+        k_ptrs = k_ptrs + cols.to(tl.int64)[None, :] * stride_ks
+        v_ptrs = v_ptrs + cols.to(tl.int64)[:, None] * stride_vs
     if MASKED:  # padding is never loaded: NaN there must not reach p @ v
         n_ok = (cols >= kv_lo) & (cols < seqlen_k)
         k = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
@@ -137,6 +153,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    STEP_PTRS: tl.constexpr,
 ):
     """Grid (row blocks, Hkv, B): one program = BLOCK_M (position, head) rows of one head group.
 
@@ -164,15 +181,19 @@ def _attn_fwd_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     Table_row = Table_ptr + b * stride_tb
-    if PAGED:  # the head's columns; each tile adds its keys' rows from the block table
-        k_ptrs = K_ptr + hkv * stride_kh + offs_d[:, None] * stride_kd              # [BLOCK_D, 1]
-        v_ptrs = V_ptr + hkv * stride_vh + offs_d[None, :] * stride_vd              # [1, BLOCK_D]
-        seqlen_k = tl.minimum(tl.maximum(tl.load(Seqlens_ptr + b).to(tl.int32), 0), seqlen_k)
-    else:
+    if STEP_PTRS:  # stepped one tile at a time below
         k_ptrs = (K_ptr + b * stride_kb + hkv * stride_kh
                   + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)  # K^T tile [BLOCK_D, BLOCK_N]
         v_ptrs = (V_ptr + b * stride_vb + hkv * stride_vh
                   + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)  # V tile [BLOCK_N, BLOCK_D]
+    else:  # the head's columns; each tile adds its keys' rows (_attn_tile)
+        k_ptrs = K_ptr + hkv * stride_kh + offs_d[:, None] * stride_kd              # [BLOCK_D, 1]
+        v_ptrs = V_ptr + hkv * stride_vh + offs_d[None, :] * stride_vd              # [1, BLOCK_D]
+        if not PAGED:
+            k_ptrs += b * stride_kb
+            v_ptrs += b * stride_vb
+    if PAGED:  # row b's keys: its seqlens entry, read through its block table
+        seqlen_k = tl.minimum(tl.maximum(tl.load(Seqlens_ptr + b).to(tl.int32), 0), seqlen_k)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -197,29 +218,33 @@ def _attn_fwd_kernel(
         kv_lo = tl.minimum(tl.maximum(tl.load(KvStart_ptr + b).to(tl.int32), 0), seqlen_k)
         lead = kv_lo // BLOCK_N * BLOCK_N
         full_lo = (kv_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        k_ptrs += lead.to(tl.int64) * stride_ks  # tiles wholly in the padding are never loaded
-        v_ptrs += lead.to(tl.int64) * stride_vs
+        if STEP_PTRS:  # tiles wholly in the padding are never loaded
+            k_ptrs += lead.to(tl.int64) * stride_ks
+            v_ptrs += lead.to(tl.int64) * stride_vs
         # kv_lo cuts into a tile below the diagonal: mask its padding (every row sees the rest of it)
         if lead < tl.minimum(full_lo, full_end):
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, lead, offs_n, pos, d_ok, kv_lo,
                                        seqlen_k, diag, qk_scale, Table_row, stride_tm, stride_kb, stride_ks, stride_vb,
-                                       stride_vs, True, False, PAD_D, UPCAST, DOT_PRECISION, PAGED, PAGE_SIZE)
-            if not PAGED:  # dense tiles step their pointers; paged ones look their rows up
+                                       stride_vs, True, False, PAD_D, UPCAST, DOT_PRECISION, PAGED, PAGE_SIZE,
+                                       STEP_PTRS)
+            if STEP_PTRS:
                 k_ptrs += BLOCK_N * stride_ks
                 v_ptrs += BLOCK_N * stride_vs
     for start_n in range(full_lo, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, pos, d_ok, kv_lo,
                                    seqlen_k, diag, qk_scale, Table_row, stride_tm, stride_kb, stride_ks, stride_vb,
-                                   stride_vs, False, CAUSAL, PAD_D, UPCAST, DOT_PRECISION, PAGED, PAGE_SIZE)
-        if not PAGED:
+                                   stride_vs, False, CAUSAL, PAD_D, UPCAST, DOT_PRECISION, PAGED, PAGE_SIZE,
+                                   STEP_PTRS)
+        if STEP_PTRS:
             k_ptrs += BLOCK_N * stride_ks
             v_ptrs += BLOCK_N * stride_vs
     # the pointers now sit at max(full_end, lead) whichever stages ran
     for start_n in range(tl.maximum(full_end, lead), end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, pos, d_ok, kv_lo,
                                    seqlen_k, diag, qk_scale, Table_row, stride_tm, stride_kb, stride_ks, stride_vb,
-                                   stride_vs, True, CAUSAL, PAD_D, UPCAST, DOT_PRECISION, PAGED, PAGE_SIZE)
-        if not PAGED:
+                                   stride_vs, True, CAUSAL, PAD_D, UPCAST, DOT_PRECISION, PAGED, PAGE_SIZE,
+                                   STEP_PTRS)
+        if STEP_PTRS:
             k_ptrs += BLOCK_N * stride_ks
             v_ptrs += BLOCK_N * stride_vs
 
@@ -251,6 +276,9 @@ TILES = {
 # table row and a 64-bit address per key); these tiles, at the register limit already, then spill
 # on sm_90 (bf16 and fp16), so their launches skip them.
 VARIANT_SPILLS = {90: {128: {(128, 128, 8, 3)}, 256: {(64, 64, 8, 2)}}}
+# Before triton 3.9 (checked on 3.6) that sm_90 tile spills in the dense kernel too (48 bytes of stack
+# per thread at 255 registers, bf16, head dim 80), so there every launch skips it.
+OLD_TRITON_SPILLS = {} if STEP_POINTERS else {90: {128: {(128, 128, 8, 3)}}}
 # fp32 uses exact fp32 products (input_precision="ieee", no tensor cores): a correctness path
 # whose big tiles compile for a minute and spill, so it gets one small tile per head dim and no
 # tuning (the smallest that does not spill on each family).
@@ -272,7 +300,9 @@ def _family():
 def _tiles_for(family, block_d, variant=False):
     """The tiles of a family and head dim; variant: the kv_start or paged kernel."""
     padded_d = min(t for t in TILES[family] if t >= block_d)
-    skip = VARIANT_SPILLS.get(family, {}).get(padded_d, set()) if variant else set()
+    skip = OLD_TRITON_SPILLS.get(family, {}).get(padded_d, set())
+    if variant:
+        skip = skip | VARIANT_SPILLS.get(family, {}).get(padded_d, set())
     return [t for t in TILES[family][padded_d] if t not in skip]
 
 
@@ -369,7 +399,7 @@ def _attention(q, k, v, causal, scale, kv_start=None, seqlens=None, block_tables
         UPCAST=interpreting and q.dtype == torch.bfloat16,
         # fp32 inputs get true fp32 products; tf32 would miss the 1e-5 tolerance
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1,
+        PAGED=paged, PAGE_SIZE=k.shape[1] if paged else 1, STEP_PTRS=STEP_POINTERS and not paged,
     )
     if interpreting:
         grid = (triton.cdiv(Sq * group, INTERPRET_CONFIG["BLOCK_M"]), Hkv, B)

@@ -67,6 +67,12 @@ TILE = 16384 if _INTERPRET else 1024
 # tile needs about 100 registers (sm_80 / sm_90, triton 3.9).
 ROWS_TILE = TILE if _INTERPRET else 512
 NUM_WARPS = 16  # 1024-wide tiles: 110-125 registers, no spills (sm_80 / sm_90, triton 3.9)
+# Triton's major.minor: register allocation differs between versions. On 3.6 (checked for sm_80 /
+# sm_90; 3.7 and 3.8 get its choice, unchecked) a 1024-wide float32 tile reaches the 128-register
+# cap and spills 8 bytes per thread (16-bit logits do not); 512 wide takes ~96 registers. Untimed:
+# 3.9 keeps the 1024-wide tile.
+TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2])
+TILE_F32 = TILE if _INTERPRET or TRITON >= (3, 9) else 512
 # 512 threads allow 128 registers each. Stated explicitly, because without it
 # ptxas may trade spills for occupancy (64 registers and a stack on sm_80 for
 # 256- and 512-wide tiles).
@@ -334,7 +340,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=Non
     k_ptr, k_val, k_rows = _param(top_k, B, torch.int32, device)
     p_ptr, p_val, p_rows = _param(top_p, B, torch.float32, device)
     mp_ptr, mp_val, mp_rows = _param(min_p, B, torch.float32, device)
-    block = min(triton.next_power_of_2(V), TILE)
+    block = min(triton.next_power_of_2(V), TILE_F32 if logits.dtype == torch.float32 else TILE)
     block = max(block, 16)
     rows_per_program = max(ROWS_TILE // block, 1)
     grid = (triton.cdiv(B, rows_per_program),)

@@ -199,6 +199,22 @@ def test_kv_start_checked(kv_start, match):
         ops.attention(q, q, q, kv_start=kv_start, backend="torch")
 
 
+@pytest.mark.parametrize("step", [True, False])
+def test_both_dense_address_schemes(step, monkeypatch):
+    """Dense K/V addresses stepped one tile at a time (triton >= 3.9) or formed in each tile from the
+    key offsets (older triton; kernels/attention.py STEP_POINTERS): both match the reference, so
+    each is tested whichever triton runs here."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend on this device")
+    from fuselm.kernels import attention as kernel
+    monkeypatch.setattr(kernel, "STEP_POINTERS", step)
+    for dtype, layout, causal, kv_start in ((torch.float16, "nan_padded", True, [5, 20]),
+                                            (torch.bfloat16, "bhsd", False, None),
+                                            (torch.float32, "packed", True, None)):
+        _check("triton", B=2, Sq=19, Sk=40, Hq=4, Hkv=2, D=80, dtype=dtype, causal=causal, layout=layout,
+               kv_start=kv_start)
+
+
 def test_head_dim_too_large_for_triton():
     q = torch.randn(1, 4, 2, 272, device=DEVICE)
     with pytest.raises(ValueError, match="head dims up to"):
