@@ -68,13 +68,12 @@ import triton
 import triton.language as tl
 
 from .decode import page_slots
+from .version import TRITON
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # q, acc and a K/V tile of BLOCK_D columns live in registers / shared memory
-# Triton's major.minor: its register allocation differs between versions, so the dense address
-# scheme and a few tiles below depend on it (checked on 3.6 and 3.9; 3.7 and 3.8 get 3.6's choices,
-# unchecked; README, "Triton versions").
-TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2])
+# The dense address scheme and a few tiles below depend on triton's version (3.7 and 3.8 get 3.6's
+# choices, unchecked).
 # Dense K/V addresses. Triton 3.9 compiles [BLOCK_D, BLOCK_N] pointer tensors stepped one tile per
 # iteration in 100-250 registers without spills. Triton 3.6 keeps those loop-carried tensors in
 # registers: nearly every tile reached 255 registers and spilled (up to 1.4 KB of stack per thread),
@@ -278,7 +277,7 @@ TILES = {
 VARIANT_SPILLS = {90: {128: {(128, 128, 8, 3)}, 256: {(64, 64, 8, 2)}}}
 # Before triton 3.9 (checked on 3.6) that sm_90 tile spills in the dense kernel too (48 bytes of stack
 # per thread at 255 registers, bf16, head dim 80), so there every launch skips it.
-OLD_TRITON_SPILLS = {} if STEP_POINTERS else {90: {128: {(128, 128, 8, 3)}}}
+OLD_TRITON_SPILLS = {} if TRITON >= (3, 9) else {90: {128: {(128, 128, 8, 3)}}}
 # fp32 uses exact fp32 products (input_precision="ieee", no tensor cores): a correctness path
 # whose big tiles compile for a minute and spill, so it gets one small tile per head dim and no
 # tuning (the smallest that does not spill on each family).

@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .version import TRITON
+
 NPIV = 16  # pivots per search pass: the bracket shrinks 15-fold per pass
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per tile. The interpreter pays per operation, not per element, so
@@ -67,11 +69,10 @@ TILE = 16384 if _INTERPRET else 1024
 # tile needs about 100 registers (sm_80 / sm_90, triton 3.9).
 ROWS_TILE = TILE if _INTERPRET else 512
 NUM_WARPS = 16  # 1024-wide tiles: 110-125 registers, no spills (sm_80 / sm_90, triton 3.9)
-# Triton's major.minor: register allocation differs between versions. On 3.6 (checked for sm_80 /
-# sm_90; 3.7 and 3.8 get its choice, unchecked) a 1024-wide float32 tile reaches the 128-register
+# Register allocation differs between triton versions. On 3.6 (checked for sm_80 / sm_90; 3.7 and
+# 3.8 get its choice, unchecked) a 1024-wide float32 tile reaches the 128-register
 # cap and spills 8 bytes per thread (16-bit logits do not); 512 wide takes ~96 registers. Untimed:
 # 3.9 keeps the 1024-wide tile.
-TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2])
 TILE_F32 = TILE if _INTERPRET or TRITON >= (3, 9) else 512
 # 512 threads allow 128 registers each. Stated explicitly, because without it
 # ptxas may trade spills for occupancy (64 registers and a stack on sm_80 for
