@@ -52,9 +52,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -108,47 +111,65 @@ ALWAYS_INLINE int64_t run_at(const Problem& p, int64_t ld_b, int64_t ld_j, int64
   return p.table[b * p.table_stride + j / p.page] * ld_b + offset * ld_j;
 }
 
-// 16 float lanes (one AVX-512 register, two AVX2 ones; GCC/Clang vector extensions). The kernel's
-// float32 rows are padded with zeros to whole vectors, so no loop has a tail.
-constexpr int64_t kLanes = 16;
-typedef float Vec __attribute__((vector_size(4 * kLanes)));
+// Float vectors of L lanes (GCC/Clang vector extensions), L the register width of the ISA a loop is
+// built for (x86_width): a vector wider than the registers lives on the stack, and the AVX2 build of
+// 16-lane loops ran ~10x off bandwidth, loading and storing its accumulators. The kernel's float32 rows
+// are padded with zeros to kPad floats, a whole number of vectors at every width, so no loop has a tail.
+constexpr int64_t kPad = 16;
+template <int L>
+struct VecOf {
+  typedef float type __attribute__((vector_size(4 * L)));
+};
+template <int L>
+using Vec = typename VecOf<L>::type;
 
-ALWAYS_INLINE Vec load(const float* p) {
-  Vec v;
+template <int L>
+ALWAYS_INLINE Vec<L> load(const float* p) {
+  Vec<L> v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-ALWAYS_INLINE void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+template <int L>
+ALWAYS_INLINE void store(float* p, Vec<L> v) {
+  std::memcpy(p, &v, sizeof v);
+}
 // A tree of register halves (a loop over a float array compiles to store-forwarding stalls).
-ALWAYS_INLINE float sum_lanes(Vec v) {
-  typedef float Vec8 __attribute__((vector_size(32)));
-  typedef float Vec4 __attribute__((vector_size(16)));
-  const Vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
+template <int L>
+ALWAYS_INLINE float sum_lanes(Vec<L> v) {
+  if constexpr (L == 4) {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    Vec<L / 2> lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return sum_lanes<L / 2>(lo + hi);
+  }
 }
 
-// Per-thread buffers, sized for the largest task; rows of Dp = D rounded up to kLanes floats.
+// Per-thread buffers, sized for the largest task; rows of Dp = D rounded up to kPad floats.
 // Zero-filled when the shape changes: the padding stays zero, so it adds nothing to dot products or
 // outputs. Kept across calls (thread-local): decode calls this op once per layer per token, and
 // allocating and clearing the buffers each time cost more than attending over a short context.
 struct Scratch {
   int64_t D = -1, rows = -1, key_block = -1, Dp = 0;
   std::vector<float> q, acc, m, l, s, k, v, o;
+  std::vector<const float*> krows, vrows;  // the rows of k and v
   void fit(const Problem& p) {
     const int64_t r = p.queries * p.group();
     if (p.D == D && r == rows && p.key_block == key_block) return;
-    D = p.D, rows = r, key_block = p.key_block, Dp = (p.D + kLanes - 1) / kLanes * kLanes;
+    D = p.D, rows = r, key_block = p.key_block, Dp = (p.D + kPad - 1) / kPad * kPad;
     for (auto* buf : {&q, &acc, &m, &l, &s, &k, &v, &o}) buf->clear();
     q.resize(rows * Dp);
     acc.resize(rows * Dp);
     m.resize(rows);
     l.resize(rows);
-    s.resize((key_block + kLanes - 1) / kLanes * kLanes);
+    s.resize((key_block + kPad - 1) / kPad * kPad);
     k.resize(key_block * Dp);
     v.resize(key_block * Dp);
     o.resize(Dp);
+    krows.resize(key_block);
+    vrows.resize(key_block);
+    for (int64_t j = 0; j < key_block; ++j) krows[j] = k.data() + j * Dp, vrows[j] = v.data() + j * Dp;
   }
 };
 thread_local Scratch scratch;
@@ -205,65 +226,68 @@ ALWAYS_INLINE void load_keys(const Problem& p, const T* base, int64_t ld_b, int6
   }
 }
 
-// s[j] = scale * (q . k_j) for n key rows ld apart (Dp floats each); four keys at a time share each
-// q vector. Each key has one accumulator summed over d in order, so a key's score is the same in
-// either loop.
-ALWAYS_INLINE void scores(const float* q, const float* k, int64_t ld, int64_t n, int64_t Dp, float scale, float* s) {
+// s[j] = scale * (q . k_j) for n key rows (Dp floats each at k[j] + col); four keys at a time share
+// each q vector. Each key has one accumulator summed over d in order, so a key's score is the same in
+// either loop. Rows by pointer: float32 caches are read in place, a page at a time (split_rows).
+template <int L>
+ALWAYS_INLINE void scores(const float* q, const float* const* k, int64_t col, int64_t n, int64_t Dp, float scale,
+                          float* s) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const float* kj = k + j * ld;
-    Vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
-    for (int64_t d = 0; d < Dp; d += kLanes) {
-      const Vec qd = load(q + d);
-      s0 += qd * load(kj + d);
-      s1 += qd * load(kj + ld + d);
-      s2 += qd * load(kj + 2 * ld + d);
-      s3 += qd * load(kj + 3 * ld + d);
+    const float *k0 = k[j] + col, *k1 = k[j + 1] + col, *k2 = k[j + 2] + col, *k3 = k[j + 3] + col;
+    Vec<L> s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    for (int64_t d = 0; d < Dp; d += L) {
+      const Vec<L> qd = load<L>(q + d);
+      s0 += qd * load<L>(k0 + d);
+      s1 += qd * load<L>(k1 + d);
+      s2 += qd * load<L>(k2 + d);
+      s3 += qd * load<L>(k3 + d);
     }
-    s[j] = sum_lanes(s0) * scale;
-    s[j + 1] = sum_lanes(s1) * scale;
-    s[j + 2] = sum_lanes(s2) * scale;
-    s[j + 3] = sum_lanes(s3) * scale;
+    s[j] = sum_lanes<L>(s0) * scale;
+    s[j + 1] = sum_lanes<L>(s1) * scale;
+    s[j + 2] = sum_lanes<L>(s2) * scale;
+    s[j + 3] = sum_lanes<L>(s3) * scale;
   }
   for (; j < n; ++j) {
-    Vec s0 = {};
-    for (int64_t d = 0; d < Dp; d += kLanes) s0 += load(q + d) * load(k + j * ld + d);
-    s[j] = sum_lanes(s0) * scale;
+    Vec<L> s0 = {};
+    for (int64_t d = 0; d < Dp; d += L) s0 += load<L>(q + d) * load<L>(k[j] + col + d);
+    s[j] = sum_lanes<L>(s0) * scale;
   }
 }
 
-// The online-softmax step of one row over n more keys: s [n rounded up to kLanes] their scores
-// (overwritten with e^(s - m'), zeros after n), v their value rows (ld apart, Dp floats each), m / l /
+// The online-softmax step of one row over n more keys: s [n rounded up to kPad] their scores
+// (overwritten with e^(s - m'), zeros after n), v their value rows (Dp floats at v[j] + col), m / l /
 // acc [Dp] the row's running state. Four accumulators over the keys: one would be a chain of
 // dependent FMAs.
-ALWAYS_INLINE void update(float* s, int64_t n, const float* v, int64_t ld, int64_t Dp, float& m, float& l,
-                          float* acc) {
+template <int L>
+ALWAYS_INLINE void update(float* s, int64_t n, const float* const* v, int64_t col, int64_t Dp, float& m,
+                          float& l, float* acc) {
   const float m_new = std::max(m, cpu::max(s, n));  // a NaN score is skipped here and turns into a NaN weight below
   const float shift = m_new == -INFINITY ? 0.f : m_new;  // all -inf so far: weights e^-inf = 0, not NaN
   cpu::exp_shifted(s, n, shift);
   const float alpha = std::exp(m - shift);  // the old terms' rescale; 0 while m is -inf
-  std::fill(s + n, s + (n + kLanes - 1) / kLanes * kLanes, 0.f);
-  Vec sum = {};
-  for (int64_t j = 0; j < n; j += kLanes) sum += load(s + j);
-  l = l * alpha + sum_lanes(sum);
-  for (int64_t d = 0; d < Dp; d += kLanes) {
-    const float* vd = v + d;
-    Vec a0 = load(acc + d) * alpha, a1 = {}, a2 = {}, a3 = {};
+  std::fill(s + n, s + (n + kPad - 1) / kPad * kPad, 0.f);
+  Vec<L> sum = {};
+  for (int64_t j = 0; j < n; j += L) sum += load<L>(s + j);
+  l = l * alpha + sum_lanes<L>(sum);
+  for (int64_t d = 0; d < Dp; d += L) {
+    const int64_t at = col + d;
+    Vec<L> a0 = load<L>(acc + d) * alpha, a1 = {}, a2 = {}, a3 = {};
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-      a0 += s[j] * load(vd + j * ld);
-      a1 += s[j + 1] * load(vd + (j + 1) * ld);
-      a2 += s[j + 2] * load(vd + (j + 2) * ld);
-      a3 += s[j + 3] * load(vd + (j + 3) * ld);
+      a0 += s[j] * load<L>(v[j] + at);
+      a1 += s[j + 1] * load<L>(v[j + 1] + at);
+      a2 += s[j + 2] * load<L>(v[j + 2] + at);
+      a3 += s[j + 3] * load<L>(v[j + 3] + at);
     }
-    for (; j < n; ++j) a0 += s[j] * load(vd + j * ld);
-    store(acc + d, (a0 + a1) + (a2 + a3));
+    for (; j < n; ++j) a0 += s[j] * load<L>(v[j] + at);
+    store<L>(acc + d, (a0 + a1) + (a2 + a3));
   }
   m = m_new;
 }
 
 // One task: batch row b, KV head h, queries [i0, i1), each with the G query heads of h.
-template <typename T>
+template <typename T, int L>
 ALWAYS_INLINE void run_task(const Problem& p, int64_t task, Scratch& w) {
   const int64_t G = p.group(), D = p.D, Dp = w.Dp, blocks = p.query_blocks();
   const int64_t b = task / (p.Hkv * blocks), h = task / blocks % p.Hkv;
@@ -293,8 +317,8 @@ ALWAYS_INLINE void run_task(const Problem& p, int64_t task, Scratch& w) {
       const int64_t seen = std::min(n, p.end(b, i) - j0);  // causal: a prefix of the block
       if (seen <= 0) continue;
       for (int64_t r = (i - i0) * G; r < (i - i0 + 1) * G; ++r) {
-        scores(w.q.data() + r * Dp, w.k.data(), Dp, seen, Dp, p.scale, w.s.data());
-        update(w.s.data(), seen, w.v.data(), Dp, Dp, w.m[r], w.l[r], w.acc.data() + r * Dp);
+        scores<L>(w.q.data() + r * Dp, w.krows.data(), 0, seen, Dp, p.scale, w.s.data());
+        update<L>(w.s.data(), seen, w.vrows.data(), 0, Dp, w.m[r], w.l[r], w.acc.data() + r * Dp);
       }
     }
   }
@@ -313,19 +337,46 @@ ALWAYS_INLINE void run_task(const Problem& p, int64_t task, Scratch& w) {
   }
 }
 
-// Tasks pulled from `next` until none is left; one clone set per dtype.
-template <typename T>
+// The vector width the loops run at: the CPU's widest (x86_width), or less where FUSELM_ATTENTION_ISA
+// caps it (portable: 4 lanes, avx2: 8, avx512: 16), so each build can be tested on one machine.
+int width() {
+  static const int chosen = [] {
+#ifdef FUSELM_X86
+    const int best = x86_width();
+#else
+    const int best = 4;
+#endif
+    const char* cap = std::getenv("FUSELM_ATTENTION_ISA");
+    if (cap == nullptr || *cap == '\0') return best;
+    const std::string name(cap);
+    TORCH_CHECK(name == "portable" || name == "avx2" || name == "avx512",
+                "FUSELM_ATTENTION_ISA must be portable, avx2 or avx512, got '", name, "'");
+    return std::min(best, name == "portable" ? 4 : name == "avx2" ? 8 : 16);
+  }();
+  return chosen;
+}
+
+// Tasks pulled from `next` until none is left, with L-lane vectors.
+template <typename T, int L>
 ALWAYS_INLINE void run_tasks(const Problem& p, std::atomic<int64_t>& next) {
   Scratch& w = scratch;
   w.fit(p);
-  for (int64_t t; (t = next.fetch_add(1)) < p.tasks();) run_task<T>(p, t, w);
+  for (int64_t t; (t = next.fetch_add(1)) < p.tasks();) run_task<T, L>(p, t, w);
 }
-CLONES void run_tasks(const Problem& p, const float*, std::atomic<int64_t>& next) { run_tasks<float>(p, next); }
-CLONES void run_tasks(const Problem& p, const c10::Half*, std::atomic<int64_t>& next) {
-  run_tasks<c10::Half>(p, next);
-}
-CLONES void run_tasks(const Problem& p, const c10::BFloat16*, std::atomic<int64_t>& next) {
-  run_tasks<c10::BFloat16>(p, next);
+// One build per ISA, with its register width; run_tasks_at calls the one of `lanes` (width()).
+#ifdef FUSELM_X86
+template <typename T>
+TARGET_V4 void run_tasks_v4(const Problem& p, std::atomic<int64_t>& next) { run_tasks<T, 16>(p, next); }
+template <typename T>
+TARGET_V3 void run_tasks_v3(const Problem& p, std::atomic<int64_t>& next) { run_tasks<T, 8>(p, next); }
+#endif
+template <typename T>
+void run_tasks_at(int lanes, const Problem& p, std::atomic<int64_t>& next) {
+#ifdef FUSELM_X86
+  if (lanes == 16) return run_tasks_v4<T>(p, next);
+  if (lanes == 8) return run_tasks_v3<T>(p, next);
+#endif
+  run_tasks<T, 4>(p, next);
 }
 
 template <typename T>
@@ -337,20 +388,21 @@ void run(const Problem& p) {
   const int64_t work = p.tasks() * std::min(p.Sq, p.queries) * p.group() * keys * p.D;
   const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(work / kMinWork, p.tasks()), 1, at::get_num_threads());
   std::atomic<int64_t> next{0};
-  const T* dtype = nullptr;  // picks the overload
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { run_tasks(p, dtype, next); });
+  const int lanes = width();  // here: a bad FUSELM_ATTENTION_ISA raises in the caller's thread
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { run_tasks_at<T>(lanes, p, next); });
 }
 
 // ---------------------------------------------------------------- decode, split over keys
-// One query per row over a cache whose rows [Hkv, D] are contiguous, D a multiple of kLanes (the
+// One query per row over a cache whose rows [Hkv, D] are contiguous, D a multiple of kPad (the
 // model's static cache): a task is one split of kSplitKeys keys of one batch row, for all its heads.
-// Its K (and V) rows are then one contiguous range of the cache, converted in one pass instead of
-// row by row for each head (25% faster over 140 keys in cache, measured), and a batch row of few
-// heads still gives the threads one task per split.
+// Its K (and V) rows are then one contiguous range of the cache: float32 is read in place (asked into
+// cache up front: a row of one head is strided, 1.4x faster at B = 1 over 64 to 1024 keys, measured),
+// other dtypes are converted in one pass instead of row by row for each head (25% faster over 140 keys
+// in cache, measured), and a batch row of few heads still gives the threads one task per split.
 // Each task writes its softmax partial per query head (max m, sum l, weighted values acc); a last
 // pass combines a row's splits in order:  M = max_s m_s,  o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
 // Splits depend only on a row's own [lo, hi), so its result stays batch invariant. A pool's rows
-// [Hkv, D] are contiguous too (a page at a time): a split is converted one page run at a time.
+// [Hkv, D] are contiguous too (a page at a time): a split is read one page run at a time.
 constexpr int64_t kSplitKeys = 64;
 
 struct Split {
@@ -359,33 +411,47 @@ struct Split {
 
 struct SplitScratch {
   std::vector<float> k, v, s, q;
+  std::vector<const float*> krows, vrows;
 };
 thread_local SplitScratch split_scratch;
 
 bool splits_apply(const Problem& p) {
-  return p.Sq == 1 && !p.causal && p.D % kLanes == 0 && p.k_h == p.D && p.k_j == p.Hkv * p.D && p.v_h == p.D &&
+  return p.Sq == 1 && !p.causal && p.D % kPad == 0 && p.k_h == p.D && p.k_j == p.Hkv * p.D && p.v_h == p.D &&
          p.v_j == p.Hkv * p.D;
 }
 
-// partial: [Hq][2 + D] for this task: m, l, acc
+// rows[j - t.j0] = key (or value) row j of the split, [Hkv * D] float32: a float32 cache's own rows,
+// read in place; other dtypes converted into buf, one contiguous run (a page in a pool) per pass.
 template <typename T>
+ALWAYS_INLINE void split_rows(const Problem& p, const void* base, int64_t ld_b, const Split& t, std::vector<float>& buf,
+                              std::vector<const float*>& rows) {
+  const int64_t row = p.Hkv * p.D;  // also the key stride (splits_apply)
+  rows.resize(t.j1 - t.j0);
+  if constexpr (!std::is_same_v<T, float>) buf.resize((t.j1 - t.j0) * row);
+  for (int64_t j = t.j0, c = 0; j < t.j1; j += c) {
+    const T* src = static_cast<const T*>(base) + run_at(p, ld_b, row, t.b, j, t.j1, c);
+    const float* first;
+    if constexpr (std::is_same_v<T, float>) {
+      prefetch_row(src, c * row);
+      first = src;
+    } else {
+      float* dst = buf.data() + (j - t.j0) * row;
+      cpu::to_float(src, dst, c * row);
+      first = dst;
+    }
+    for (int64_t i = 0; i < c; ++i) rows[j - t.j0 + i] = first + i * row;
+  }
+}
+
+// partial: [Hq][2 + D] for this task: m, l, acc
+template <typename T, int L>
 ALWAYS_INLINE void split_task(const Problem& p, const Split& t, float* partial) {
   SplitScratch& w = split_scratch;
-  const int64_t H = p.Hkv, D = p.D, G = p.group(), n = t.j1 - t.j0, row = H * D;
-  w.k.resize(n * row);
-  w.v.resize(n * row);
-  w.s.resize((n + kLanes - 1) / kLanes * kLanes);
+  const int64_t D = p.D, G = p.group(), n = t.j1 - t.j0;
+  w.s.resize((n + kPad - 1) / kPad * kPad);
   w.q.resize(D);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  for (int64_t j = t.j0, c = 0; j < t.j1; j += c) {  // K rows [j, j + c): contiguous, one pass
-    const T* src = k + run_at(p, p.k_b, p.k_j, t.b, j, t.j1, c);
-    cpu::to_float(src, w.k.data() + (j - t.j0) * row, c * row);
-  }
-  for (int64_t j = t.j0, c = 0; j < t.j1; j += c) {
-    const T* src = v + run_at(p, p.v_b, p.v_j, t.b, j, t.j1, c);
-    cpu::to_float(src, w.v.data() + (j - t.j0) * row, c * row);
-  }
+  split_rows<T>(p, p.k, p.k_b, t, w.k, w.krows);
+  split_rows<T>(p, p.v, p.v_b, t, w.v, w.vrows);
   const T* q = static_cast<const T*>(p.q) + t.b * p.q_b;
   for (int64_t r = 0; r < p.Hq; ++r) {
     const int64_t h = r / G;
@@ -393,31 +459,40 @@ ALWAYS_INLINE void split_task(const Problem& p, const Split& t, float* partial) 
     float* out = partial + r * (2 + D);
     float m = -INFINITY, l = 0.f;
     std::fill_n(out + 2, D, 0.f);
-    scores(w.q.data(), w.k.data() + h * D, row, n, D, p.scale, w.s.data());
-    update(w.s.data(), n, w.v.data() + h * D, row, D, m, l, out + 2);
+    scores<L>(w.q.data(), w.krows.data(), h * D, n, D, p.scale, w.s.data());
+    update<L>(w.s.data(), n, w.vrows.data(), h * D, D, m, l, out + 2);
     out[0] = m, out[1] = l;
   }
 }
 
-template <typename T>
+template <typename T, int L>
 ALWAYS_INLINE void split_tasks(const Problem& p, const std::vector<Split>& tasks, float* partials,
                                std::atomic<int64_t>& next) {
   const int64_t stride = p.Hq * (2 + p.D);
   for (int64_t t; (t = next.fetch_add(1)) < static_cast<int64_t>(tasks.size());)
-    split_task<T>(p, tasks[t], partials + t * stride);
+    split_task<T, L>(p, tasks[t], partials + t * stride);
 }
-// one clone set per dtype, as run_tasks
-CLONES void split_tasks(const Problem& p, const float*, const std::vector<Split>& tasks, float* partials,
-                        std::atomic<int64_t>& next) {
-  split_tasks<float>(p, tasks, partials, next);
+// one build per ISA, as run_tasks
+#ifdef FUSELM_X86
+template <typename T>
+TARGET_V4 void split_tasks_v4(const Problem& p, const std::vector<Split>& tasks, float* partials,
+                              std::atomic<int64_t>& next) {
+  split_tasks<T, 16>(p, tasks, partials, next);
 }
-CLONES void split_tasks(const Problem& p, const c10::Half*, const std::vector<Split>& tasks, float* partials,
-                        std::atomic<int64_t>& next) {
-  split_tasks<c10::Half>(p, tasks, partials, next);
+template <typename T>
+TARGET_V3 void split_tasks_v3(const Problem& p, const std::vector<Split>& tasks, float* partials,
+                              std::atomic<int64_t>& next) {
+  split_tasks<T, 8>(p, tasks, partials, next);
 }
-CLONES void split_tasks(const Problem& p, const c10::BFloat16*, const std::vector<Split>& tasks, float* partials,
-                        std::atomic<int64_t>& next) {
-  split_tasks<c10::BFloat16>(p, tasks, partials, next);
+#endif
+template <typename T>
+void split_tasks_at(int lanes, const Problem& p, const std::vector<Split>& tasks, float* partials,
+                    std::atomic<int64_t>& next) {
+#ifdef FUSELM_X86
+  if (lanes == 16) return split_tasks_v4<T>(p, tasks, partials, next);
+  if (lanes == 8) return split_tasks_v3<T>(p, tasks, partials, next);
+#endif
+  split_tasks<T, 4>(p, tasks, partials, next);
 }
 
 // The caller's buffers for a call (kept across calls, as the threads' scratch).
@@ -447,8 +522,9 @@ void run_splits(const Problem& p) {
   const int64_t work = p.B * p.Hq * keys * p.D;
   const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(work / kMinWork, tasks.size()), 1, at::get_num_threads());
   std::atomic<int64_t> next{0};
-  const T* dtype = nullptr;  // picks the overload
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { split_tasks(p, dtype, tasks, partials.data(), next); });
+  const int lanes = width();
+  at::parallel_for(0, threads, 1,
+                   [&](int64_t, int64_t) { split_tasks_at<T>(lanes, p, tasks, partials.data(), next); });
   std::vector<float>& o = split_call.o;
   o.resize(p.D);
   for (int64_t b = 0; b < p.B; ++b) {

@@ -10,7 +10,15 @@
   scores, a first key block of only -inf scores), large scores do not overflow.
 - Batch invariance: a row's output is bitwise the same alone, in a batch, and with 1 or 2 threads.
 - torch.library.opcheck, empty shapes, out-of-range lengths, clear errors (CUDA tensors included).
+- Every vector width the kernel is built at (FUSELM_ATTENTION_ISA caps it, in a subprocess): the
+  reference, bitwise and invariance tests above at 4 and 8 float lanes (the default runs the CPU's
+  widest).
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -21,6 +29,7 @@ from tests.checks import assert_matches
 from tests.test_attention import _make  # q/k/v views in the layouts the Triton kernel is tested with
 from tests.test_decode import _tolerance  # the dtype's bound plus softmax's conditioning at large scores
 
+ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEAD_DIMS = [1, 5, 16, 33, 64, 80, 96, 128, 256]
 LAYOUTS = ["contiguous", "packed", "bhsd", "strided_d", "nan_padded"]  # tests.test_attention._make's
@@ -596,3 +605,24 @@ def test_paged_errors_name_the_problem(ops):
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
             call()
+
+
+# ---------------------------------------------------------------- each vector width
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_each_vector_width(ops, isa):
+    """The checks of this file that compare against the reference or bitwise, on the build of `isa`'s
+    width (capped by the CPU: on an AVX2-only CPU avx2 is the default build again)."""
+    env = dict(os.environ, FUSELM_ATTENTION_ISA=isa)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "reference or bitwise or invariance or nonfinite or large_scores"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_bad_vector_width_name_is_clear(ops):
+    code = ("import torch\nfrom fuselm import native\nq = torch.ones(1, 2, 16)\n"
+            "native.decode_attention(q, torch.ones(1, 4, 2, 16), torch.ones(1, 4, 2, 16), torch.tensor([4]))\n")
+    env = dict(os.environ, FUSELM_ATTENTION_ISA="sse9")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "FUSELM_ATTENTION_ISA must be portable, avx2 or avx512" in out.stderr
