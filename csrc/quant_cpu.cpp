@@ -389,6 +389,27 @@ inline __m256i dot_u8(__m256i acc, __m256i u, __m256i s) {
                                                 _mm256_madd_epi16(hi, _mm256_set1_epi16(16))));
 }
 
+// dot_u8<kVnni, kBits>(dot_u8<kVnni, kBits>(0, u0, s0), u1, s1) in fewer instructions: without VNNI the
+// two maddubs add in int16 before one madd. A lane then holds at most 2 x 2 x 31 x 128 < 2^15 (kBits <= 5;
+// 8-bit weights split into nibbles, 2 x 2 x 15 x 128), and integer sums are exact: the same result.
+template <bool kVnni, int kBits>
+inline __m256i dot_pair(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (kVnni) {
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u0, s0), u1, s1);
+  } else if constexpr (kBits <= 5) {
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1)), ones);
+  } else {
+    static_assert(kBits == 8, "6-bit blocks scale their halves apart: dot_u8 each");
+    const __m256i nib = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(u0, nib), s0),
+                                        _mm256_maddubs_epi16(_mm256_and_si256(u1, nib), s1));
+    const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u0, 4), nib), s0),
+                                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u1, 4), nib), s1));
+    return _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, _mm256_set1_epi16(16)));
+  }
+}
+
 template <Fmt F>
 inline void values256(const uint8_t* t, const Layout& L, int64_t b, __m256i (&lo)[2], __m256i (&hi)[2]) {
   if constexpr (bits_of(F) == 8) {
@@ -456,8 +477,7 @@ struct Avx2 {
             facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dlo), _mm256_mul_ps(s0[i], dx), facc[m][i]);
             facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dhi), _mm256_mul_ps(s1[i], dx), facc[m][i]);
           } else {
-            __m256i d = dot_u8<kVnni, bits_of(F)>(_mm256_setzero_si256(), lo[i], xlo);
-            d = dot_u8<kVnni, bits_of(F)>(d, hi[i], xhi);
+            const __m256i d = dot_pair<kVnni, bits_of(F)>(lo[i], xlo, hi[i], xhi);
             facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s0[i], dx), facc[m][i]);
           }
         }
