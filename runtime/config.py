@@ -49,6 +49,20 @@ class ModelConfig:
     def __post_init__(self):
         _validate(self)
 
+    @property
+    def context(self):
+        """The longest sequence fuselm runs: the position limit, or a shorter sliding window. No attention
+        path implements the window yet; within it causal attention is exactly the windowed one, so
+        sequences stop at the window instead of attending wrongly past it."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+    def context_note(self):
+        """Why the context is shorter than the position limit, for messages ("" when it is not)."""
+        if self.context == self.max_position_embeddings:
+            return ""
+        return (f": sequences stop at the {self.sliding_window}-token sliding window, which no attention path "
+                f"implements yet (positions go to {self.max_position_embeddings})")
+
 
 def _validate(c):
     where = f"{c.arch} config"

@@ -454,8 +454,8 @@ class Model:
               f"{sum(sizes.values()) / 2**20:.1f} MiB ("
               + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]))
               + f"), {per_token / 2**20:.1f} MiB read per token; activations {str(self.dtype)[6:]} on {self.device}; "
-              f"KV cache {kv / 2**10:.1f} KiB/token, {kv * c.max_position_embeddings / 2**20:.1f} MiB "
-              f"for the full {c.max_position_embeddings}-token context", file=sys.stderr)
+              f"KV cache {kv / 2**10:.1f} KiB/token, {kv * c.context / 2**20:.1f} MiB "
+              f"for the full {c.context}-token context{self.config.context_note()}", file=sys.stderr)
 
     def logits(self, input_ids):
         """float32 logits [B, S, V] of a full forward pass over input_ids [B, S] (or [S])."""
@@ -464,9 +464,9 @@ class Model:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype.is_floating_point:
             raise ValueError(f"input_ids must be integer ids of shape [B, S] with S >= 1, got {tuple(ids.shape)}")
-        if ids.shape[1] > self.config.max_position_embeddings:
+        if ids.shape[1] > self.config.context:
             raise ValueError(f"input of {ids.shape[1]} tokens is longer than the model's context "
-                             f"({self.config.max_position_embeddings})")
+                             f"({self.config.context}{self.config.context_note()})")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ValueError(f"input_ids must be in [0, {self.config.vocab_size})")
         with torch.inference_mode():

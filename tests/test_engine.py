@@ -335,6 +335,21 @@ def test_a_request_bigger_than_the_cache_is_refused(tiny):
         engine.submit([1] * 10, max_new_tokens=30)
 
 
+def test_sliding_window_caps_the_context_instead_of_attending_past_it(tmp_path):
+    """No attention path implements Mistral's window: sequences stop at it (where causal attention is
+    exactly the windowed one), with errors that say why, instead of attending wrongly past it."""
+    path = save_tiny_model("mistral", tmp_path, sliding_window=24)
+    model = fuselm.load(path, dtype="float32", device="cpu", backend="torch", progress=False)
+    assert model.config.context == 24 and model.config.max_position_embeddings == 256
+    engine = Engine(model, max_num_seqs=1, check=True)
+    with pytest.raises(ValueError, match="24-token sliding window"):
+        engine.submit([1] * 24, max_new_tokens=1)
+    done = engine.submit([1] * 20, max_new_tokens=10, ignore_eos=True).result()
+    assert done.completion_tokens == 4 and done.finish_reason == "length"
+    with pytest.raises(ValueError, match="sliding window"):
+        model.logits([1] * 25)
+
+
 @pytest.mark.parametrize("value, expected", [(1024, 1024), ("2KiB", 2048), ("1.5M", 3 << 19), ("3 GB", 3 << 30)])
 def test_kv_cache_memory_sizes(value, expected):
     assert parse_memory(value, torch.device("cpu")) == expected

@@ -171,7 +171,7 @@ class Engine:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         self.model, self.net, c = model, model.net, model.config
-        self.block_size, self.context = block_size, c.max_position_embeddings
+        self.block_size, self.context = block_size, c.context
         per_block = block_size * model.kv_bytes_per_token
         full = (max_num_seqs * -(-self.context // block_size) + 1) * per_block  # + block 0 (padding)
         budget = (min(full, int(0.25 * memory.free_bytes(model.device))) if kv_cache_memory is None
@@ -214,7 +214,7 @@ class Engine:
         room = self.context - len(ids)
         if room < 1:
             raise ValueError(f"the prompt has {len(ids)} tokens, but the model's context is {self.context} tokens "
-                             "(it must leave room for at least one new token)")
+                             f"(it must leave room for at least one new token){self.model.config.context_note()}")
         if params.max_new_tokens > room:
             log.warning("fuselm: max_new_tokens %d reduced to %d to fit the %d-token context",
                         params.max_new_tokens, room, self.context)
