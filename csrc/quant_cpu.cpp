@@ -378,35 +378,17 @@ inline __m256i dot_small(__m256i acc, __m256i u, __m256i s) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
-// the same for any u8: without VNNI split into nibbles, so no pair sum of maddubs exceeds int16
-template <bool kVnni, int kBits>
-inline __m256i dot_u8(__m256i acc, __m256i u, __m256i s) {
-  if constexpr (kVnni || kBits < 8) return dot_small<kVnni>(acc, u, s);
-  const __m256i nib = _mm256_set1_epi8(15);
-  const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(u, nib), s);
-  const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u, 4), nib), s);
-  return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_set1_epi16(1)),
-                                                _mm256_madd_epi16(hi, _mm256_set1_epi16(16))));
-}
-
-// dot_u8<kVnni, kBits>(dot_u8<kVnni, kBits>(0, u0, s0), u1, s1) in fewer instructions: without VNNI the
-// two maddubs add in int16 before one madd. A lane then holds at most 2 x 2 x 31 x 128 < 2^15 (kBits <= 5;
-// 8-bit weights split into nibbles, 2 x 2 x 15 x 128), and integer sums are exact: the same result.
+// dot_small(dot_small(0, u0, s0), u1, s1) in fewer instructions: without VNNI the two maddubs add in
+// int16 before one madd. A lane then holds at most 2 x 2 x 31 x 128 < 2^15 (u <= 31: 5-bit weights at
+// most; 8-bit ones take the signed path of the tile), and integer sums are exact: the same result.
 template <bool kVnni, int kBits>
 inline __m256i dot_pair(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
-  const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (kVnni) {
     return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u0, s0), u1, s1);
-  } else if constexpr (kBits <= 5) {
-    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1)), ones);
   } else {
-    static_assert(kBits == 8, "6-bit blocks scale their halves apart: dot_u8 each");
-    const __m256i nib = _mm256_set1_epi8(15);
-    const __m256i lo = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(u0, nib), s0),
-                                        _mm256_maddubs_epi16(_mm256_and_si256(u1, nib), s1));
-    const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u0, 4), nib), s0),
-                                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(u1, 4), nib), s1));
-    return _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, _mm256_set1_epi16(16)));
+    static_assert(kBits <= 5, "maddubs pairs of larger weights can overflow int16");
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1)),
+                             _mm256_set1_epi16(1));
   }
 }
 
@@ -456,6 +438,10 @@ struct Avx2 {
     __m256 facc[MB][2];
     __m128 macc[MB];
     for (int m = 0; m < MB; ++m) facc[m][0] = facc[m][1] = _mm256_setzero_ps(), macc[m] = _mm_setzero_ps();
+    // Q8_0 without VNNI: the stored bytes u = q + 128 go back to signed q, and each x row meets |q| with
+    // x's sign flipped where q < 0: one maddubs per half (|q| <= 128, |x| <= 127: a pair of products
+    // fits int16), and a signed q needs no min term (unsigned bytes took two maddubs per half, split into nibbles).
+    constexpr bool kSigned = F == Q8_0 && !kVnni;
     for (int64_t b = 0; b < L.nb; ++b) {
       __m256i lo[2], hi[2];
       values256<F>(t, L, b, lo, hi);
@@ -463,6 +449,14 @@ struct Avx2 {
       __m256 s0[2], s1[2];
       spread(s.s0, s0);
       spread(s.s1, s1);
+      __m256i alo[2], ahi[2];  // kSigned: |q|, with lo / hi holding q
+      if constexpr (kSigned) {
+        const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+        for (int i = 0; i < 2; ++i) {
+          lo[i] = _mm256_xor_si256(lo[i], bias), hi[i] = _mm256_xor_si256(hi[i], bias);
+          alo[i] = _mm256_abs_epi8(lo[i]), ahi[i] = _mm256_abs_epi8(hi[i]);
+        }
+      }
       const int8_t* xb = a.qblock(b, m0);
       const float *dxb = a.dxblock(b, m0), *dsb = a.dsblock(b, m0), *ds16b = a.ds16block(b, m0);
       for (int m = 0; m < MB; ++m) {
@@ -472,16 +466,24 @@ struct Avx2 {
         const __m256 dx = _mm256_set1_ps(dxb[m]);
         for (int i = 0; i < 2; ++i) {
           if constexpr (F == Q6_K) {
-            const __m256i dlo = dot_u8<kVnni, 6>(_mm256_setzero_si256(), lo[i], xlo);
-            const __m256i dhi = dot_u8<kVnni, 6>(_mm256_setzero_si256(), hi[i], xhi);
+            const __m256i dlo = dot_small<kVnni>(_mm256_setzero_si256(), lo[i], xlo);
+            const __m256i dhi = dot_small<kVnni>(_mm256_setzero_si256(), hi[i], xhi);
             facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dlo), _mm256_mul_ps(s0[i], dx), facc[m][i]);
             facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dhi), _mm256_mul_ps(s1[i], dx), facc[m][i]);
+          } else if constexpr (kSigned) {
+            const __m256i ones = _mm256_set1_epi16(1);
+            const __m256i d = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(alo[i], _mm256_sign_epi8(xlo, lo[i])), ones),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(ahi[i], _mm256_sign_epi8(xhi, hi[i])), ones));
+            facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s0[i], dx), facc[m][i]);
           } else {
             const __m256i d = dot_pair<kVnni, bits_of(F)>(lo[i], xlo, hi[i], xhi);
             facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s0[i], dx), facc[m][i]);
           }
         }
-        if constexpr (F == Q6_K) {
+        if constexpr (kSigned) {
+          // no min term: q is signed
+        } else if constexpr (F == Q6_K) {
           macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(ds16b[2 * m]), macc[m]);
           macc[m] = _mm_fmadd_ps(s.m1, _mm_set1_ps(ds16b[2 * m + 1]), macc[m]);
         } else {
