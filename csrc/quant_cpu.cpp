@@ -440,7 +440,7 @@ struct Avx2 {
     for (int m = 0; m < MB; ++m) facc[m][0] = facc[m][1] = _mm256_setzero_ps(), macc[m] = _mm_setzero_ps();
     // Q8_0 without VNNI: the stored bytes u = q + 128 go back to signed q, and each x row meets |q| with
     // x's sign flipped where q < 0: one maddubs per half (|q| <= 128, |x| <= 127: a pair of products
-    // fits int16), and a signed q needs no min term (unsigned bytes took two maddubs per half, split into nibbles).
+    // fits int16), and a signed q needs no min term (unsigned bytes took two maddubs per half, as nibbles).
     constexpr bool kSigned = F == Q8_0 && !kVnni;
     for (int64_t b = 0; b < L.nb; ++b) {
       __m256i lo[2], hi[2];
@@ -470,23 +470,23 @@ struct Avx2 {
             const __m256i dhi = dot_small<kVnni>(_mm256_setzero_si256(), hi[i], xhi);
             facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dlo), _mm256_mul_ps(s0[i], dx), facc[m][i]);
             facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dhi), _mm256_mul_ps(s1[i], dx), facc[m][i]);
-          } else if constexpr (kSigned) {
-            const __m256i ones = _mm256_set1_epi16(1);
-            const __m256i d = _mm256_add_epi32(
-                _mm256_madd_epi16(_mm256_maddubs_epi16(alo[i], _mm256_sign_epi8(xlo, lo[i])), ones),
-                _mm256_madd_epi16(_mm256_maddubs_epi16(ahi[i], _mm256_sign_epi8(xhi, hi[i])), ones));
-            facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s0[i], dx), facc[m][i]);
           } else {
-            const __m256i d = dot_pair<kVnni, bits_of(F)>(lo[i], xlo, hi[i], xhi);
+            __m256i d;
+            if constexpr (kSigned) {
+              const __m256i ones = _mm256_set1_epi16(1);
+              d = _mm256_add_epi32(
+                  _mm256_madd_epi16(_mm256_maddubs_epi16(alo[i], _mm256_sign_epi8(xlo, lo[i])), ones),
+                  _mm256_madd_epi16(_mm256_maddubs_epi16(ahi[i], _mm256_sign_epi8(xhi, hi[i])), ones));
+            } else {
+              d = dot_pair<kVnni, bits_of(F)>(lo[i], xlo, hi[i], xhi);
+            }
             facc[m][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s0[i], dx), facc[m][i]);
           }
         }
-        if constexpr (kSigned) {
-          // no min term: q is signed
-        } else if constexpr (F == Q6_K) {
+        if constexpr (F == Q6_K) {
           macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(ds16b[2 * m]), macc[m]);
           macc[m] = _mm_fmadd_ps(s.m1, _mm_set1_ps(ds16b[2 * m + 1]), macc[m]);
-        } else {
+        } else if constexpr (!kSigned) {  // a signed q has no min term
           macc[m] = _mm_fmadd_ps(s.m0, _mm_set1_ps(dsb[m]), macc[m]);
         }
       }
