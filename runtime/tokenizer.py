@@ -61,6 +61,9 @@ def bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
+_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+
+
 class Tokenizer:
     """encode / decode / apply_chat_template / stream over a `tokenizers.Tokenizer`."""
 
@@ -180,6 +183,30 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def _spelling(self):
+        """How the vocabulary spells bytes: "byte-level" (GPT-2's table), "metaspace" (SentencePiece's
+        U+2581 for a space) or None (ask decode)."""
+        decoder = repr(self._backend.decoder)
+        return "byte-level" if "ByteLevel" in decoder else "metaspace" if "\u2581" in decoder else None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for inside a text: what a token's logprob entry reports. Not
+        decode([id]), which drops a SentencePiece token's leading space and turns part of a UTF-8
+        character into U+FFFD; the bytes of consecutive tokens join to the text's bytes."""
+        piece = self._backend.id_to_token(int(token_id))
+        if piece is None or token_id in self.special_ids:
+            return self.decode([token_id], skip_special_tokens=False).encode()
+        if token_id in self.byte_fallback_ids:
+            return bytes([int(piece[3:5], 16)])
+        if self._spelling == "byte-level":
+            table = _BYTE_DECODER
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        elif self._spelling == "metaspace":
+            return piece.replace("\u2581", " ").encode()
+        return self.decode([token_id], skip_special_tokens=False).encode()
 
     def stream(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)

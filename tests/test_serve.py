@@ -266,6 +266,52 @@ def test_echo_and_extras(client, tiny, server):
     assert r["usage"]["completion_tokens"] == 0
 
 
+def test_completion_logprobs_streamed_and_not(client, tiny):
+    tok = tiny.tokenizer
+    for kw in (dict(temperature=0), dict(temperature=1.1, seed=4)):
+        kw = dict(max_tokens=10, ignore_eos=True, **kw)
+        engine_kw = dict(max_new_tokens=10, ignore_eos=True, logprobs=3, temperature=kw["temperature"],
+                         seed=kw.get("seed"))
+        alone = tiny.default_engine().submit(PROMPTS[4], **engine_kw).result()
+        r = complete(client, PROMPTS[4], logprobs=3, **kw).choices[0]
+        lp = r.logprobs
+        assert lp.tokens == [tok.token_bytes(t).decode("utf-8", "replace") for t in alone.token_ids]
+        assert lp.token_logprobs == pytest.approx([e.logprob for e in alone.logprobs], abs=1e-5)
+        assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+        for t, top, e in zip(lp.tokens, lp.top_logprobs, alone.logprobs):
+            assert t in top and len(top) <= 4  # the 3 best and the chosen one
+            assert max(top.values()) == pytest.approx(e.top[0][1], abs=1e-5)
+        parts = [c.choices[0].logprobs for c in complete(client, PROMPTS[4], logprobs=3, stream=True, **kw)
+                 if c.choices and c.choices[0].logprobs]
+        assert [t for p in parts for t in p.tokens] == lp.tokens
+        assert [o for p in parts for o in p.text_offset] == lp.text_offset
+        assert [v for p in parts for v in p.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert complete(client, PROMPTS[4], max_tokens=3).choices[0].logprobs is None
+    zero = complete(client, PROMPTS[4], max_tokens=3, logprobs=0, temperature=0).choices[0].logprobs
+    assert [list(d) for d in zero.top_logprobs] == [[t] for t in zero.tokens]
+
+
+def test_chat_logprobs_streamed_and_not(client, tiny):
+    messages = [{"role": "user", "content": "Hi there"}]
+    r = chat(client, messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2).choices[0]
+    content = r.logprobs.content
+    assert b"".join(bytes(e.bytes) for e in content).decode() == r.message.content or r.finish_reason == "stop"
+    for e in content:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token  # greedy: the best one
+        assert e.top_logprobs[0].logprob == e.logprob >= e.top_logprobs[1].logprob
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+    chunks = list(chat(client, messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    # the same tokens; the logprobs to float32 rounding (the second request's prompt comes from the prefix
+    # cache, so its last prompt token runs in a pass of another size)
+    assert [(e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    plain = chat(client, messages, max_tokens=4, temperature=0, logprobs=True).choices[0].logprobs.content
+    assert plain and all(e.top_logprobs == [] for e in plain)
+    assert chat(client, messages, max_tokens=4).choices[0].logprobs is None
+
+
 # ---------------------------------------------------------------- chat
 
 def test_chat_greedy_streamed_and_not(client, tiny):
@@ -379,7 +425,10 @@ BAD = [  # (path, body, the field the error names or None)
     ("/v1/completions", {"prompt": [99999]}, "prompt"),
     ("/v1/completions", {"prompt": _LONG}, "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, None),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, None),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
@@ -396,7 +445,10 @@ BAD = [  # (path, body, the field the error names or None)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": _LONG}]}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],

@@ -235,3 +235,24 @@ def test_stream_equals_decode_for_any_ids(tiny_tok, sentencepiece, data):
     for tok in (tiny_tok, sentencepiece[0]):
         ids = data.draw(st.lists(st.integers(0, tok.vocab_size - 1), max_size=40))
         assert_streams_like_decode(tok, ids, skip=data.draw(st.booleans()))
+
+
+# ------------------------------------------------------------------ token bytes (logprob entries)
+
+
+def test_token_bytes_join_to_the_text(tiny_tok, sentencepiece):
+    text = "a🦙b Hello, world"
+    ids = tiny_tok.encode(text, add_special_tokens=False)
+    assert b"".join(map(tiny_tok.token_bytes, ids)) == text.encode()
+    sp = sentencepiece[0]
+    ids = sp.encode(text, add_special_tokens=False)  # the llama is not in the vocabulary: byte-fallback tokens
+    assert any(i in sp.byte_fallback_ids for i in ids)
+    assert b"".join(map(sp.token_bytes, ids)) == b" " + text.encode()  # with SentencePiece's dummy prefix
+    assert sp.token_bytes(2) == b"</s>" and tiny_tok.token_bytes(next(iter(tiny_tok.special_ids))).startswith(b"<")
+
+
+@given(st.data())
+def test_token_bytes_decode_like_decode_for_any_ids(tiny_tok, data):
+    added = tiny_tok._backend.get_added_tokens_decoder()
+    ids = data.draw(st.lists(st.integers(0, tiny_tok.vocab_size - 1).filter(lambda i: i not in added), max_size=40))
+    assert b"".join(map(tiny_tok.token_bytes, ids)).decode("utf-8", "replace") == tiny_tok.decode(ids)

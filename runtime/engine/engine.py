@@ -14,6 +14,7 @@ not bitwise the same K/V.
     engine = fuselm.Engine(model, max_num_seqs=8)
     h = engine.submit("The capital of France is", SamplingParams(max_new_tokens=16))
     for text in h: ...                 # drives engine.step() itself when no loop runs
+    for d in h.deltas(): d.text, d.logprobs   # the same, with TokenLogprobs (SamplingParams(logprobs=k))
     engine.start(); async for text in h: ...; engine.stop()
 """
 import asyncio
@@ -31,7 +32,7 @@ from .. import memory, ops
 from ..cache import Batch
 from ..graphs import StepGraphs
 from .blocks import BlockManager
-from .request import Completion, FinishReason, Request, SamplingParams, Text
+from .request import Completion, FinishReason, Request, SamplingParams, Text, TokenLogprob
 from .scheduler import Scheduler
 
 log = logging.getLogger("fuselm")
@@ -58,13 +59,21 @@ def parse_memory(value, device):
     raise ValueError(f"kv_cache_memory must be bytes (int > 0), a size string or a share in (0, 1], got {value!r}")
 
 
+def _logprob(row, token, k):
+    """The TokenLogprob of `token` under one row of logits, with the k most likely tokens."""
+    lp = torch.log_softmax(row.float(), -1)
+    top = lp.topk(k) if k else None
+    best = () if top is None else tuple(zip(top.indices.tolist(), top.values.tolist()))
+    return TokenLogprob(token, lp[token].item(), best)
+
+
 class RequestHandle:
     """A submitted request: iterate it for its text as it comes (sync or async), cancel() it, or wait
     for its Completion with result() / await aresult()."""
 
     def __init__(self, engine, req):
         self._engine, self._req = engine, req
-        self._queue = queue.Queue()  # text pieces, then _DONE
+        self._queue = queue.Queue()  # Deltas, then _DONE
         self._lock = threading.Lock()
         self._loop = self._aqueue = None  # set by async iteration: pieces then go to its asyncio queue
         self._drained = False             # _DONE was handed out
@@ -115,12 +124,16 @@ class RequestHandle:
         self._drained = item is _DONE
         return item
 
-    def __iter__(self):
-        """The text as it comes; a handle's text is handed out once (a second iteration yields nothing)."""
+    def deltas(self):
+        """Deltas (text, TokenLogprobs) as they come, empty ones included; handed out once (a second
+        iteration yields nothing)."""
         while (item := self._get()) is not _DONE:
-            if item:
-                yield item
+            yield item
         self._raise()
+
+    def __iter__(self):
+        """The text as it comes."""
+        return (d.text for d in self.deltas() if d.text)
 
     def _raise(self):
         if self.error is not None:
@@ -132,7 +145,8 @@ class RequestHandle:
             pass
         return self.completion
 
-    async def __aiter__(self):
+    async def adeltas(self):
+        """deltas() for asyncio: needs the engine's background loop; leaving early cancels the request."""
         if not self._engine.running:
             raise RuntimeError("async iteration needs the engine's background loop: call engine.start() first")
         with self._lock:
@@ -142,13 +156,17 @@ class RequestHandle:
                     self._aqueue.put_nowait(self._queue.get_nowait())
         try:
             while not self._drained and (item := await self._aqueue.get()) is not _DONE:
-                if item:
-                    yield item
+                yield item
             self._drained = True
             self._raise()
         finally:
             if self.completion is None:  # the consumer went away (a client disconnected): stop the request
                 self.cancel()
+
+    async def __aiter__(self):
+        async for d in self.adeltas():
+            if d.text:
+                yield d.text
 
     async def aresult(self):
         async for _ in self:
@@ -320,14 +338,14 @@ class Engine:
         now = time.perf_counter()
         for r in (*decode, *(r for r, _ in chunks)):
             self.blocks.commit(r)
-        for r, t in zip(sampling, tokens):
-            r.add_token(t, now)
+        for r, (t, logprob) in zip(sampling, tokens):
+            r.add_token(t, now, logprob)
             self.stats["generated_tokens"] += 1
             handle = self._handles[r.id]
             if r.finished:
                 self._finish(r, r.finish_reason)
             else:
-                handle._put(r.text.take(False))
+                handle._put(r.take(False))
 
     def _batch(self, decode, chunks):
         """The Batch of one pass (decode rows first), the slots it writes, the requests it samples for."""
@@ -366,7 +384,7 @@ class Engine:
 
     def _sample(self, logits, reqs):
         """One token per requesting row: argmax for greedy ones, each sampled one with its own generator
-        (so seeded requests repeat whatever runs beside them)."""
+        (so seeded requests repeat whatever runs beside them); with its TokenLogprob where asked."""
         if not reqs:
             return []
         tokens = logits.argmax(-1)
@@ -375,7 +393,9 @@ class Engine:
             if not p.greedy:
                 tokens[i] = ops.sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, p.min_p,
                                        generator=r.generator, backend=self.net.backends["sample"])[0]
-        return tokens.tolist()
+        tokens = tokens.tolist()
+        return [(t, None if r.params.logprobs is None else _logprob(logits[i], t, r.params.logprobs))
+                for i, (r, t) in enumerate(zip(reqs, tokens))]
 
     def _finish(self, req, reason):
         req.finish_reason = reason
@@ -384,7 +404,7 @@ class Engine:
         self.stats["prompt_tokens"] += len(req.prompt_ids)
         self.stats["cached_tokens"] += req.num_cached or 0
         handle = self._handles.pop(req.id)
-        handle._put(req.text.take(True))
+        handle._put(req.take(True))
         handle.completion = Completion.of(req)
         handle._put(_DONE)
 

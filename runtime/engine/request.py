@@ -7,10 +7,14 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from .. import ops
+
+
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default cap, OpenAI's chat cap)
 
 
 class FinishReason(str, enum.Enum):
@@ -36,6 +40,7 @@ class SamplingParams:
     stop: tuple = ()            # strings: the text ends before the first one that appears
     stop_token_ids: tuple = ()  # token ids that end the request (not part of the text), beside EOS
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each output token's log-probability and this many best alternatives
 
     def __post_init__(self):
         _int("max_new_tokens", self.max_new_tokens, 1)
@@ -50,6 +55,10 @@ class SamplingParams:
             _int("stop_token_ids entries", t, 0)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            _int("logprobs", self.logprobs, 0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", ids)
 
@@ -85,6 +94,22 @@ class Text:
         return piece
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An output token's log-probability under the model (log_softmax of its raw logits, before
+    temperature and the top-k/top-p/min-p filters), and the `logprobs` most likely tokens there,
+    best first, as (token id, log-probability) pairs."""
+    token: int
+    logprob: float
+    top: tuple
+
+
+class Delta(NamedTuple):
+    """What a request hands out at a step: new text, and the TokenLogprobs of its new tokens (when asked)."""
+    text: str
+    logprobs: tuple
+
+
 _ids = itertools.count()
 
 
@@ -109,9 +134,13 @@ class Request:
     first_token_time: float | None = None
     token_times: list = field(default_factory=list)  # perf_counter of each output token
     preemptions: int = 0
+    logprobs: list | None = None  # a TokenLogprob per output token, when params.logprobs is set
+    logprobs_taken: int = 0       # of them, handed out by take()
 
     def __post_init__(self):
         self.all_ids = list(self.prompt_ids)
+        if self.params.logprobs is not None:
+            self.logprobs = []
 
     @property
     def num_tokens(self):
@@ -130,8 +159,8 @@ class Request:
     def finished(self):
         return self.finish_reason is not None
 
-    def add_token(self, token, now):
-        """Append a sampled token and decide whether the request is finished."""
+    def add_token(self, token, now, logprob=None):
+        """Append a sampled token (with its TokenLogprob when asked) and decide whether the request is finished."""
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
@@ -140,10 +169,18 @@ class Request:
             return
         self.output_ids.append(token)
         self.all_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         if self.text.push(token):
             self.finish_reason = FinishReason.STOP
         elif len(self.output_ids) >= self.params.max_new_tokens:
             self.finish_reason = FinishReason.LENGTH
+
+    def take(self, done):
+        """The Delta not yet handed out (the text no stop string can still claim; everything once done)."""
+        lps = () if self.logprobs is None else tuple(self.logprobs[self.logprobs_taken:])
+        self.logprobs_taken += len(lps)
+        return Delta(self.text.take(done), lps)
 
 
 @dataclass(frozen=True)
@@ -157,10 +194,11 @@ class Completion:
     cached_tokens: int           # prompt tokens served from the prefix cache
     time_to_first_token: float | None
     token_times: list            # seconds between consecutive tokens (after the first)
+    logprobs: list | None = None  # a TokenLogprob per token of token_ids, when the request asked for them
 
     @classmethod
     def of(cls, r):
         times = [b - a for a, b in zip(r.token_times, r.token_times[1:])]
         ttft = None if r.first_token_time is None else r.first_token_time - r.arrival
         return cls(r.text.text, list(r.output_ids), r.finish_reason, len(r.prompt_ids), len(r.output_ids),
-                   r.num_cached or 0, ttft, times)
+                   r.num_cached or 0, ttft, times, None if r.logprobs is None else list(r.logprobs))

@@ -176,14 +176,16 @@ class _Submitted:
                 waiter.cancel()
             self.close()
 
-    async def pieces(self):
-        """(choice index, text piece) as they come, then (index, None) when that choice is done."""
+    async def deltas(self):
+        """(choice index, engine Delta) as they come (not the empty ones), then (index, None) when that
+        choice is done."""
         queue = asyncio.Queue()
 
         async def pump(i, h):
             try:
-                async for piece in h:
-                    queue.put_nowait((i, piece))
+                async for d in h.adeltas():
+                    if d.text or d.logprobs:
+                        queue.put_nowait((i, d))
                 queue.put_nowait((i, None))
             except Exception as e:  # noqa: BLE001 (handed to the stream as its error event)
                 queue.put_nowait((i, e))
@@ -235,16 +237,16 @@ def _sse(obj):
 
 
 async def _stream(submitted, first, chunk, final, usage):
-    """The SSE events of a streamed request: first() chunks, a chunk per text piece, a final chunk per
-    choice with its finish_reason, the usage chunk (or None), [DONE]; an error as the last event."""
+    """The SSE events of a streamed request: first() chunks, a chunk per engine Delta, a final chunk
+    per choice with its finish_reason, the usage chunk (or None), [DONE]; an error as the last event."""
     try:
         for c in first():
             yield _sse(c)
-        async for i, piece in submitted.pieces():
-            if piece is None:
+        async for i, delta in submitted.deltas():
+            if delta is None:
                 yield _sse(final(i, submitted.handles[i].completion))
-            elif piece:
-                yield _sse(chunk(i, piece))
+            else:
+                yield _sse(chunk(i, delta))
         u = usage([h.completion for h in submitted.handles])
         if u is not None:
             yield _sse(u)
@@ -311,22 +313,30 @@ def create_app(state):
         submitted = _Submitted(state, jobs)
         rid = P.new_id("cmpl")
         lens = [len(x) for x in ids]
+        offsets = [0] * len(jobs)  # per choice: where its next token's text starts (logprobs' text_offset)
 
         def response(choices, usage=None):
             return P.CompletionResponse(id=rid, model=name, choices=choices, usage=usage)
+
+        def logprobs(i, entries):
+            if body.logprobs is None:
+                return None
+            out, offsets[i] = P.completion_logprobs(tok, entries, offsets[i])
+            return out
 
         if body.stream:
             return _EventStream(_stream(
                 submitted,
                 lambda: [response([P.CompletionChoice(index=i, text=e)]) for i, e in enumerate(echo) if e],
-                lambda i, piece: response([P.CompletionChoice(index=i, text=piece)]),
+                lambda i, d: response([P.CompletionChoice(index=i, text=d.text, logprobs=logprobs(i, d.logprobs))]),
                 lambda i, c: response([P.CompletionChoice(index=i, text="", finish_reason=c.finish_reason.value)]),
                 lambda cs: response([], _usage(lens, cs)) if body.include_usage else None),
                 submitted)
         completions = await submitted.results(request)
         if completions is None:
             return Response(status_code=499)
-        return response([P.CompletionChoice(index=i, text=echo[i] + c.text, finish_reason=c.finish_reason.value)
+        return response([P.CompletionChoice(index=i, text=echo[i] + c.text, logprobs=logprobs(i, c.logprobs),
+                                            finish_reason=c.finish_reason.value)
                          for i, c in enumerate(completions)], _usage(lens, completions))
 
     @app.post("/v1/chat/completions")
@@ -337,16 +347,21 @@ def create_app(state):
         max_tokens = _max_tokens(engine, ids, body.max_new_tokens, "messages")
         submitted = _Submitted(state, [(ids, _params(body, engine, max_tokens, j)) for j in range(body.n)])
         rid = P.new_id("chatcmpl")
+        tok = engine.model.tokenizer
 
         def chunk(choices, usage=None):
             return P.ChatCompletionChunk(id=rid, model=name, choices=choices, usage=usage)
+
+        def logprobs(entries):
+            return P.chat_logprobs(tok, entries) if body.logprobs else None
 
         if body.stream:
             return _EventStream(_stream(
                 submitted,
                 lambda: [chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
                          for i in range(body.n)],
-                lambda i, piece: chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(content=piece))]),
+                lambda i, d: chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(content=d.text),
+                                                      logprobs=logprobs(d.logprobs))]),
                 lambda i, c: chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(),
                                                       finish_reason=c.finish_reason.value)]),
                 lambda cs: chunk([], _usage([len(ids)], cs)) if body.include_usage else None),
@@ -356,7 +371,7 @@ def create_app(state):
             return Response(status_code=499)
         return P.ChatCompletionResponse(
             id=rid, model=name, usage=_usage([len(ids)], completions),
-            choices=[P.ChatChoice(index=i, message=P.ChatMessageOut(content=c.text),
+            choices=[P.ChatChoice(index=i, message=P.ChatMessageOut(content=c.text), logprobs=logprobs(c.logprobs),
                                   finish_reason=c.finish_reason.value) for i, c in enumerate(completions)])
 
     @app.post("/tokenize")

@@ -4,6 +4,11 @@ Requests are validated strictly (no "10" for an integer) and refuse every field 
 not implement, with an error that names the field: unknown fields are forbidden, and OpenAI fields
 the server has no implementation for (penalties, logit_bias, best_of, tools, ...) are accepted
 only at their no-op values. `user` is accepted: it only identifies the caller.
+
+Logprobs are the model's own: log_softmax of the raw logits, before temperature and the top-k /
+top-p / min-p filters (vLLM's default), floored at -9999 because JSON has no -inf. A completion's
+top_logprobs hold the `logprobs` best tokens and the chosen one (OpenAI's and vLLM's rule); a chat
+token's hold exactly `top_logprobs`. The prompt's logprobs (`echo` with `logprobs`) are not computed.
 """
 import time
 import uuid
@@ -11,8 +16,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
+from ..engine import MAX_LOGPROBS
+
 _STRICT = ConfigDict(strict=True, extra="forbid")
 MAX_N = 128
+MIN_LOGPROB = -9999.0
 
 
 class APIError(Exception):
@@ -103,27 +111,37 @@ class _Sampling(BaseModel):
     def include_usage(self):
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def num_logprobs(self):
+        """Alternatives per token for the engine's SamplingParams.logprobs, None when not asked."""
+        return None
+
     def sampling(self, max_tokens, index=0):
         """The SamplingParams fields of choice `index` (seed + index: vLLM's convention for n > 1)."""
         return dict(max_new_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
                     top_p=1.0 if self.top_p is None else self.top_p, top_k=max(0, self.top_k or 0),
                     min_p=self.min_p or 0.0, seed=None if self.seed is None else self.seed + index,
                     stop=tuple(self.stop or ()), stop_token_ids=tuple(self.stop_token_ids or ()),
-                    ignore_eos=self.ignore_eos)
+                    ignore_eos=self.ignore_eos, logprobs=self.num_logprobs)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        return _unsupported("logprobs", v, (None,))
+    @model_validator(mode="after")
+    def _no_prompt_logprobs(self):
+        if self.echo and self.logprobs is not None:
+            raise ValueError("logprobs with echo (the prompt's logprobs) is not supported by this server")
+        return self
+
+    @property
+    def num_logprobs(self):
+        return self.logprobs
 
     @field_validator("suffix")
     @classmethod
@@ -175,22 +193,22 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: list[dict] | None = None
     tool_choice: str | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        return _unsupported("logprobs", v, (None, False))
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs is only allowed when logprobs is true")
+        return self
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, v):
-        return _unsupported("top_logprobs", v, (None, 0))
+    @property
+    def num_logprobs(self):
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("tools")
     @classmethod
@@ -238,10 +256,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -264,10 +289,24 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -288,7 +327,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
     @field_serializer("delta")
@@ -316,6 +355,36 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+def _spelled(tokenizer, token):
+    b = tokenizer.token_bytes(token)
+    return b.decode("utf-8", "replace"), b
+
+
+def completion_logprobs(tokenizer, entries, offset):
+    """TokenLogprobs -> a completion's logprobs, text offsets counted from `offset` (characters);
+    and the offset after them (a stream's next chunk goes on from there)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in entries:
+        text, _ = _spelled(tokenizer, e.token)
+        tokens.append(text)
+        lps.append(max(e.logprob, MIN_LOGPROB))
+        best = {_spelled(tokenizer, t)[0]: max(v, MIN_LOGPROB) for t, v in e.top}
+        tops.append({**best, text: lps[-1]})
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets), offset
+
+
+def chat_logprobs(tokenizer, entries):
+    """TokenLogprobs -> a chat choice's logprobs."""
+    def one(token, logprob):
+        text, b = _spelled(tokenizer, token)
+        return dict(token=text, logprob=max(logprob, MIN_LOGPROB), bytes=list(b))
+    return ChatLogprobs(content=[ChatTokenLogprob(**one(e.token, e.logprob),
+                                                  top_logprobs=[TopLogprob(**one(t, v)) for t, v in e.top])
+                                 for e in entries])
 
 
 def new_id(prefix):
