@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct from the built-in GGUF on both servers (fuselm's default l
 blocks quantized), the same thread count (torch.get_num_threads()) and as many sequence slots as
 clients (fuselm --max-num-seqs C; llama-server -np C, -c C x 256 so each slot holds 256 tokens).
 Each round, C clients start at once, each streams one completion of its own ~120-token prompt
-(cut from real text, so no two share a prefix), greedy, N new tokens with EOS ignored:
+(cut from real text, so no two share a prefix; new prompts every round, the same for both servers,
+so neither server's prompt cache holds them), greedy, N new tokens with EOS ignored:
     throughput   C * N generated tokens / wall time of the round (first request sent to last [DONE])
     ttft         time from sending the request to its first non-empty text chunk: p50 / p90
     itl          time between consecutive text chunks of a request: p50 / p90 (a chunk is a token
@@ -133,9 +134,9 @@ def run_round(url, prompts, new):
             "itl_p90_ms": 1e3 * _pct(gaps, 90), "wall_s": wall}
 
 
-def make_prompts(tokenizer, clients, length):
-    """One prompt of about `length` tokens per client: runs of words drawn from TEXT (seed 0)."""
-    rng = random.Random(0)
+def make_prompts(tokenizer, clients, length, seed):
+    """One prompt of about `length` tokens per client: runs of words drawn from TEXT."""
+    rng = random.Random(seed)
     words = TEXT.split()
     prompts = []
     for _ in range(clients):
@@ -164,7 +165,7 @@ def main(argv=None):
     notes = []
     _, gguf = resolve_source("smollm2-135m-instruct")
     tokenizer = fuselm.load("smollm2-135m-instruct", progress=False).tokenizer
-    prompts = make_prompts(tokenizer, clients, length)
+    rounds = [make_prompts(tokenizer, clients, length, seed) for seed in range(reps + 1)]  # the last: warm-up
     llama_bin = None if quick else llama_cpp_bin(notes)
     if llama_bin is not None and not (llama_bin / "llama-server").exists():
         notes.append(f"llama.cpp: skipped, llama-server not found in {llama_bin}")
@@ -178,12 +179,12 @@ def main(argv=None):
                          f"{gguf.name}")
         for s in servers:  # one at a time: loading is not what is measured
             s.wait_ready()
-            run_round(s.url, prompts[:1], 4)  # warm-up: kernels built, plans recorded
+            run_round(s.url, rounds[-1][:2], 4)  # warm-up: kernels built, plans recorded
         samples = {s.name: [] for s in servers}
         for rep in range(reps):
             order = servers[rep % len(servers):] + servers[:rep % len(servers)]
             for s in order:
-                samples[s.name].append(run_round(s.url, prompts, new))
+                samples[s.name].append(run_round(s.url, rounds[rep], new))
     finally:
         for s in servers:
             s.stop()
