@@ -94,7 +94,7 @@ def cmd_serve(a):
     load = dict(dtype=a.dtype, device=a.device, backend=a.backend, quant=a.quant, quantize=a.quantize)
     return serve(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
                  max_num_seqs=a.max_num_seqs, max_queue=a.max_queue, kv_cache_memory=kv_cache_memory(a.kv_cache_memory),
-                 load_kwargs=load, verbose=a.verbose)
+                 max_model_len=a.max_model_len, load_kwargs=load, verbose=a.verbose)
 
 
 def cmd_bench(a):
@@ -132,6 +132,8 @@ def build_parser():
     s.add_argument("--kv-cache-memory", default=None, help="KV cache: bytes, a size such as 512MiB, or a share of "
                                                            "free memory such as 0.5 (default: a full context per "
                                                            "sequence, at most a quarter of free memory)")
+    s.add_argument("--max-model-len", type=int, default=None, help="the longest a request (prompt + output) may "
+                                                                   "grow, in tokens (default: the model's context)")
     s.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="run the benchmarks and write bench/results/<device>/")
     b.add_argument("--quick", action="store_true", help="tiny sizes")

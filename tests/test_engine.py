@@ -367,6 +367,20 @@ def test_a_request_bigger_than_the_cache_is_refused(tiny):
         engine.submit([1] * 10, max_new_tokens=30)
 
 
+def test_max_model_len_caps_each_request(tiny):
+    engine = Engine(tiny, max_num_seqs=2, max_model_len=32, check=True)
+    assert engine.max_blocks == 2
+    with pytest.raises(ValueError, match="this engine's max_model_len is 32 tokens"):
+        engine.submit([1] * 32, max_new_tokens=1)
+    done = engine.submit([1] * 20, max_new_tokens=30, ignore_eos=True).result()
+    assert done.completion_tokens == 12 and done.finish_reason == "length"
+    alone = Engine(tiny, max_num_seqs=1).submit([1] * 20, max_new_tokens=12, ignore_eos=True).result()
+    assert done.token_ids == alone.token_ids  # the narrower block tables change nothing else
+    for bad, match in ((0, "integer >= 1"), (tiny.config.context + 1, "longer than the model's context")):
+        with pytest.raises(ValueError, match=match):
+            Engine(tiny, max_model_len=bad)
+
+
 def test_sliding_window_caps_the_context_instead_of_attending_past_it(tmp_path):
     """No attention path implements Mistral's window: sequences stop at it (where causal attention is
     exactly the windowed one), with errors that say why, instead of attending wrongly past it."""

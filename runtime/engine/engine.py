@@ -180,16 +180,22 @@ class Engine:
     max_num_seqs: sequences running at once; kv_cache_memory: bytes, a size string or a share of free
     memory (default: a full context for every sequence, at most a quarter of free memory);
     block_size: tokens per KV block; chunk: the most prompt tokens one step prefills (also the
-    prefill chunk); prefix_caching: reuse cached prompt blocks; check: check the block pool's
-    integrity after every step (tests)."""
+    prefill chunk); prefix_caching: reuse cached prompt blocks; max_model_len: the longest a request
+    (prompt + output) may grow, default and at most the model's context (vLLM's max_model_len: every
+    block table is that wide, so a shorter one also shortens what attention kernels that scan the
+    whole table read); check: check the block pool's integrity after every step (tests)."""
 
     def __init__(self, model, max_num_seqs=16, kv_cache_memory=None, block_size=16, chunk=512, prefix_caching=True,
-                 check=False):
-        for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("chunk", chunk)):
+                 max_model_len=None, check=False):
+        c = model.config
+        for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size), ("chunk", chunk),
+                        ("max_model_len", c.context if max_model_len is None else max_model_len)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        self.model, self.net, c = model, model.net, model.config
-        self.block_size, self.context = block_size, c.context
+        if max_model_len is not None and max_model_len > c.context:
+            raise ValueError(f"max_model_len {max_model_len} is longer than the model's context ({c.context} tokens)")
+        self.model, self.net = model, model.net
+        self.block_size, self.context = block_size, max_model_len or c.context
         per_block = block_size * model.kv_bytes_per_token
         full = (max_num_seqs * -(-self.context // block_size) + 1) * per_block  # + block 0 (padding)
         budget = (min(full, int(0.25 * memory.free_bytes(model.device))) if kv_cache_memory is None
@@ -231,7 +237,9 @@ class Engine:
         ids = self.encode(prompt, add_special_tokens)
         room = self.context - len(ids)
         if room < 1:
-            raise ValueError(f"the prompt has {len(ids)} tokens, but the model's context is {self.context} tokens "
+            limit = ("the model's context" if self.context == self.model.config.context
+                     else "this engine's max_model_len")
+            raise ValueError(f"the prompt has {len(ids)} tokens, but {limit} is {self.context} tokens "
                              f"(it must leave room for at least one new token){self.model.config.context_note()}")
         if params.max_new_tokens > room:
             log.warning("fuselm: max_new_tokens %d reduced to %d to fit the %d-token context",

@@ -29,7 +29,7 @@ def kv_cache_memory(value):
 
 
 def serve(model, host="127.0.0.1", port=8000, api_key=None, served_model_name=None, max_num_seqs=16,
-          max_queue=256, kv_cache_memory=None, load_kwargs=None, verbose=False):
+          max_queue=256, kv_cache_memory=None, max_model_len=None, load_kwargs=None, verbose=False):
     """Serve `model` (a name or path) until SIGINT/SIGTERM; returns the exit status."""
     import uvicorn
 
@@ -52,7 +52,8 @@ def serve(model, host="127.0.0.1", port=8000, api_key=None, served_model_name=No
     def load():
         try:
             m = fuselm.load(model, **(load_kwargs or {}))
-            state.engine = m.engine(max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory).start()
+            state.engine = m.engine(max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory,
+                                    max_model_len=max_model_len).start()
         except Exception as e:  # noqa: BLE001 (reported, and the server stops)
             failed.append(e)
             print(f"fuselm: error: {e}", file=sys.stderr, flush=True)
