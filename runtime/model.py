@@ -14,7 +14,6 @@ import sys
 import threading
 
 import torch
-import torch.nn.functional as F
 
 from . import memory, ops, quant, rope
 from .quant import QuantizedTensor  # (Model.load's `quant` argument shadows the module there)
@@ -49,11 +48,12 @@ def parse_device(device):
 
 
 # What a model forced onto one backend runs elsewhere, per device type: the ops that backend lacks there.
-# Matmuls stay torch's (cuBLAS / oneDNN) except where native's CPU GEMV runs them.
+# Matmuls stay torch's (cuBLAS / oneDNN) except where native's CPU GEMV or Triton's quantized kernels
+# run them (ops.linear runs dense weights on torch under backend 'triton', and logs it).
 _TORCH_POINTWISE = dict.fromkeys(ops.POINTWISE, "torch")
 _BORROWED = {
-    ("triton", "cpu"): {"linear": "torch", **_TORCH_POINTWISE},
-    ("triton", "cuda"): {"linear": "torch", **_TORCH_POINTWISE},
+    ("triton", "cpu"): _TORCH_POINTWISE,
+    ("triton", "cuda"): _TORCH_POINTWISE,
     ("native", "cuda"): {"linear": "torch", **_TORCH_POINTWISE, **dict.fromkeys(ops.ATTENTION, "triton")},
 }
 
@@ -185,11 +185,17 @@ class Transformer:
 
     def invariant_rows(self):
         """Up to how many rows a pass's linears give each row the result it gets alone (so decode rows
-        and prefill chunks may share a pass): the native quantized kernels' 63 when every matrix is
-        quantized, else 1 (dense GEMMs and the per-shape tuning choose kernels by row count)."""
+        and prefill chunks may share a pass) when every matrix is quantized: the native CPU kernels' 63,
+        Triton's DECODE_ROWS; else 1 (dense GEMMs and the per-shape tuning choose kernels by row count)."""
         quantized = all(isinstance(w, (QuantizedTensor, quant.QuantizedStack)) for n, w in self.w.items()
                         if _is_matrix(n) and n not in ("embed", "pos_embed"))
-        return 63 if quantized and self.backends["linear"] == "native" and self.device.type == "cpu" else 1
+        backend = ops.resolve("linear", self.backends["linear"], self.device)
+        if not quantized or backend not in ("native", "triton"):
+            return 1
+        if backend == "triton":
+            from .kernels.quant import DECODE_ROWS
+            return DECODE_ROWS
+        return 63
 
 
 # ---------------------------------------------------------------- loading
@@ -288,11 +294,12 @@ def _storage(c, ckpt, sources, shapes, names, keep, quantize):
     return out, kept
 
 
-def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None):
+def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None, layout="tiles"):
     """Read, rearrange and check every tensor the network needs, one at a time.
 
-    keep: GGUF block-quantized matrices stay quantized (fuselm.quant.QuantizedTensor, packed for
-    the native kernels); quantize: a format name, dense matrices are quantized to it."""
+    keep: GGUF block-quantized matrices stay quantized (fuselm.quant.QuantizedTensor, packed into
+    `layout`: "tiles" for the native kernels, "planes" for Triton's); quantize: a format name, dense
+    matrices are quantized to it."""
     from tqdm import tqdm
 
     c = ckpt.config
@@ -303,7 +310,7 @@ def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None):
     storage, kept = _storage(c, ckpt, sources, shapes, names, keep, quantize)
     dense = _slots({n: [shapes[n]] for n in names if storage[n] is None}, dtype, device)
     tiles = _slots({n: [quant.tiles_shape(quant.FORMATS[f], (rows, shapes[n][1])) for f, rows in r]
-                    for n, r in storage.items() if r is not None}, torch.uint8, device)
+                    for n, r in storage.items() if r is not None and layout == "tiles"}, torch.uint8, device)
     weights = {}
     for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr):
         how, parts = sources[name]
@@ -319,8 +326,12 @@ def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None):
         _check_shape(c, name, parts, w.shape, shapes)
         if storage[name] is None:
             weights[name] = dense[name][0].copy_(w)
-        else:
+        elif layout == "tiles":
             weights[name] = w.pack(out=tiles[name] if isinstance(w, quant.QuantizedStack) else tiles[name][0])
+        elif name in ("embed", "pos_embed") and not (tied and name == "embed"):
+            weights[name] = quant.QuantizedTensor(w.fmt, w.shape, w.raw.to(device), name=w.name)  # rows gathered
+        else:  # the embedding tied to lm_head keeps its rows for torch's gather too
+            weights[name] = w.pack_planes(device, keep_raw=name == "embed")
         del w
         memory.return_free_heap()
     if tied:
@@ -421,21 +432,22 @@ class Model:
         if "native" in resolved.values():
             from . import native
             native.build()
-        # quantized matmuls exist on the CPU's native backend only (GPU kernels: a later issue)
-        keep = quant == "keep" and resolved["linear"] == "native"
+        # quantized matmuls: native's CPU kernels (tiles) and Triton's (planes; GPUs, or the interpreter)
+        keep = quant == "keep" and resolved["linear"] in ("native", "triton")
         if quant == "keep" and not keep:
             ops.log.warning("fuselm: linear runs on backend %r on %s, which has no quantized matmul: any GGUF "
                             "blocks are dequantized to %s at load", resolved["linear"], device.type, str(dtype)[6:])
         if quantize is not None and not keep:
-            raise ValueError(f"quantize={quantize.lower()!r} needs the native CPU kernels, but linear runs on backend "
-                             f"{resolved['linear']!r} on {device.type}")
+            raise ValueError(f"quantize={quantize.lower()!r} needs quantized kernels (native on CPUs, triton), but "
+                             f"linear runs on backend {resolved['linear']!r} on {device.type}")
         ckpt = open_checkpoint(source)
         tokenizer = ckpt.tokenizer()
-        weights = load_weights(ckpt, dtype, device, progress, keep=keep, quantize=quantize)
+        layout = ("tiles" if resolved["linear"] == "native" else "planes") if keep else None
+        weights = load_weights(ckpt, dtype, device, progress, keep=keep, quantize=quantize, layout=layout)
         if resolved["linear"] == "native" and backend == "auto":
             from . import tuning
             tuning.prepare({n: w for n, w in weights.items() if n not in ("embed", "pos_embed")})
-        if keep and any(isinstance(w, QuantizedTensor) for w in weights.values()):
+        if layout == "tiles" and any(isinstance(w, QuantizedTensor) for w in weights.values()):
             ops.log.info("fuselm: quantized matmuls on the %s path (%s)", torch.ops.fuselm.quant_isa(),
                          "64+ rows: dequantized into torch's GEMM" if torch.ops.fuselm.quant_isa() == "avx512vnni"
                          else "the integer kernel at every row count")

@@ -28,6 +28,7 @@ BACKENDS = ("torch", "triton", "native")
 # Which module implements each op, per backend (torch is runtime/reference.py).
 _MODULES = {
     "triton": {
+        "linear": "fuselm.kernels.quant",  # GGUF-quantized weights; dense ones stay torch's (see linear)
         "rms_norm": "fuselm.kernels.norm",
         "layer_norm": "fuselm.kernels.norm",
         "attention": "fuselm.kernels.attention",
@@ -64,12 +65,13 @@ ATTENTION = ("attention", "decode_attention", "paged_attention", "paged_decode_a
 # (bench/native_cpu.py: decode attention 9-50x and prefill attention 1.4-2.9x the reference) and is
 # used where it can be built, torch otherwise (with a warning). Dense matmuls: whichever of the
 # native GEMV and F.linear measured faster for the shape on this machine (runtime/tuning.py);
-# quantized ones: native, the only backend that multiplies them.
-# CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native.
+# quantized ones: native.
+# CUDA: Triton, pending GPU measurements (bench/*.py) to choose between triton and native; linear
+# there is Triton's for quantized weights and cuBLAS (torch) for dense ones.
 _AUTO = {
     "cpu": dict.fromkeys(("linear", "rms_norm", "layer_norm", *ATTENTION, "sample", *POINTWISE), "native"),
-    "cuda": {"linear": "torch", **dict.fromkeys(POINTWISE, "torch"),
-             **dict.fromkeys(("rms_norm", "layer_norm", *ATTENTION, "sample"), "triton")},
+    "cuda": {**dict.fromkeys(POINTWISE, "torch"),
+             **dict.fromkeys(("linear", "rms_norm", "layer_norm", *ATTENTION, "sample"), "triton")},
 }
 
 _default = None  # None -> read FUSELM_BACKEND on first use
@@ -228,8 +230,15 @@ def linear(x, weight, bias=None, out_dtype=None, backend=None):
         n = [p.shape[0] for p in weight.parts]
         biases = [None] * len(n) if bias is None else bias.split(n)
         return torch.cat([linear(x, p, b, out_dtype, backend) for p, b in zip(weight.parts, biases)], dim=-1)
-    if (check_backend_name(backend or get_backend()) == "auto" and x.device.type == "cpu"
-            and not isinstance(weight, QuantizedTensor) and resolve("linear", "auto", x.device) == "native"):
+    dense = not isinstance(weight, QuantizedTensor)
+    name = resolve("linear", backend, x.device)
+    if dense and name == "triton":
+        # Triton's kernels multiply quantized weights; a dense matmul is cuBLAS's (or oneDNN's) GEMM
+        _log_once(("linear", "triton-dense", x.device.type), logging.INFO,
+                  "fuselm: linear of dense weights runs on backend 'torch' (%s): backend 'triton' multiplies "
+                  "GGUF-quantized weights", x.device.type)
+        backend = "torch"
+    elif dense and name == "native" and check_backend_name(backend or get_backend()) == "auto":
         from . import tuning
         backend = tuning.linear_backend(x, weight)  # dense: whichever measured faster for this shape
     return implementation("linear", backend, x.device)(x, weight, bias, out_dtype)

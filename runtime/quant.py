@@ -1,9 +1,11 @@
-"""GGUF block formats kept quantized: their sizes, the native kernels' tile layout, quantizing at load.
+"""GGUF block formats kept quantized: their sizes, the kernels' layouts, quantizing at load.
 
 A `QuantizedTensor` is a weight [N, K] whose rows are GGUF blocks (K/block blocks
 of type_size bytes each). It carries GGUF's own rows (`raw`, what
-reference.dequantize reads: the oracle) and/or the tiles the native CPU kernels
-stream (`tiles`, built once at load by `pack`; the loader then drops `raw`).
+reference.dequantize reads: the oracle) and/or one of two layouts built once at
+load: the tiles the native CPU kernels stream (`tiles`, by `pack`) or the planes
+the Triton kernels read (`planes`, by `pack_planes`; described at `planes`). The
+loader then drops `raw` (the embedding table keeps it on GPUs: torch gathers its rows).
 
 Tile layout (csrc/quant_cpu.cpp reads it; `tile_planes` is its one description):
 rows go in tiles of 4, each tile one contiguous record, padded to 64 bytes, so a
@@ -82,28 +84,32 @@ def check_shape(fmt, shape, name):
 class QuantizedTensor:
     """A weight [N, K] in a GGUF block format; see the module docstring for its two layouts."""
 
-    def __init__(self, fmt, shape, raw=None, tiles=None, name="weight"):
+    def __init__(self, fmt, shape, raw=None, tiles=None, name="weight", planes=None):
         self.fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
         self.shape = tuple(int(s) for s in shape)
         self.name = name
         check_shape(self.fmt, self.shape, name)
-        if raw is None and tiles is None:
-            raise ValueError(f"tensor {name}: a QuantizedTensor needs its data (raw GGUF rows or native tiles)")
+        if raw is None and tiles is None and planes is None:
+            raise ValueError(f"tensor {name}: a QuantizedTensor needs its data (raw GGUF rows, tiles or planes)")
         if raw is not None:
             expected = (self.shape[0], self.fmt.row_bytes(self.shape[1]))
             if raw.dtype != torch.uint8 or tuple(raw.shape) != expected:
                 raise ValueError(f"tensor {name}: {self.fmt.name} data for shape {self.shape} must be uint8 "
                                  f"{expected} ({self.fmt.type_size} bytes per {self.fmt.block} weights), got "
                                  f"{raw.dtype} {tuple(raw.shape)}")
-        self.raw, self.tiles = raw, tiles
+        self.raw, self.tiles, self.planes = raw, tiles, planes
 
     @property
     def device(self):
+        if self.planes is not None:
+            return self.planes["qs"].device
         return (self.raw if self.raw is not None else self.tiles).device
 
     @property
     def nbytes(self):
-        """The bytes a matmul reads: the tiles once packed, else GGUF's rows."""
+        """The bytes a matmul reads: the tiles or planes once packed, else GGUF's rows."""
+        if self.planes is not None:
+            return sum(p.numel() * p.element_size() for p in self.planes.values())
         data = self.tiles if self.tiles is not None else self.raw
         return data.numel()
 
@@ -114,10 +120,11 @@ class QuantizedTensor:
         """`raw` or `tiles`, with a clear error when this tensor does not hold it."""
         data = getattr(self, layout)
         if data is None and layout == "raw":
-            raise ValueError(f"tensor {self.name} keeps only the native tile layout (packed at load); "
+            raise ValueError(f"tensor {self.name} keeps only a kernel layout (packed at load); "
                              "load with quant='dequantize' for dense weights")
         if data is None:
-            raise ValueError(f"tensor {self.name} is not packed for the native kernels; call .pack() first")
+            kernels, call = {"tiles": ("native CPU", "pack"), "planes": ("Triton", "pack_planes")}[layout]
+            raise ValueError(f"tensor {self.name} is not packed for the {kernels} kernels; call .{call}() first")
         return data
 
     def dequantize(self, dtype=torch.float32):
@@ -131,6 +138,17 @@ class QuantizedTensor:
             self.tiles = pack(self.fmt, self.raw, self.shape, out=out)
         if not keep_raw:
             self.raw = None
+        return self
+
+    def pack_planes(self, device=None, keep_raw=False):
+        """Build the Triton kernels' planes from `raw` (once) on `device` (default raw's); drop `raw`
+        unless keep_raw, else move it to `device` too (torch's embedding gathers its rows there)."""
+        if self.planes is None:
+            self.planes = {k: v.to(device or self.raw.device) for k, v in planes(self.fmt, self.raw).items()}
+        if not keep_raw:
+            self.raw = None
+        elif device is not None:
+            self.raw = self.raw.to(device)
         return self
 
 
@@ -150,6 +168,11 @@ class QuantizedStack:
         """out: None or one tensor per part."""
         for p, o in zip(self.parts, out or [None] * len(self.parts)):
             p.pack(keep_raw, o)
+        return self
+
+    def pack_planes(self, device=None, keep_raw=False):
+        for p in self.parts:
+            p.pack_planes(device, keep_raw)
         return self
 
     def __repr__(self):
@@ -259,4 +282,57 @@ def pack(fmt, raw, shape, chunk_rows=4096, out=None):
         if pad:
             rows = torch.cat((rows, torch.zeros(pad, rows.shape[1], dtype=torch.uint8)))
         out[r0 // TILE_ROWS:r0 // TILE_ROWS + rows.shape[0] // TILE_ROWS] = _pack_rows(fmt, rows, K)
+    return out
+
+
+# ---------------------------------------------------------------- the Triton kernels' planes
+
+# weight = s * q + mn per group: q the unsigned value, (s, mn) from the block fields. The planes
+# (each [N, ...], row-major) keep the file's bytes apart by kind, so that a kernel's loads are
+# aligned and coalesced whatever the block size (18, 20, 22, ... bytes), and every 4/5/6-bit
+# format shares one value layout:
+#   qs  uint8 [N, K/2]: byte 16 b + j of a row = q[32 b + j] | q[32 b + 16 + j] << 4, the low
+#       nibbles of 32-block b's two halves (GGUF's own order for Q4_0..Q5_1);
+#       Q8_0: uint8 [N, K], q itself (the int8 value + 128);
+#   qh  Q5_*: uint8 [N, K/8], Q6_K: [N, K/4]: the values' bits above 4, HB = bits - 4 per value:
+#       the 2 HB bits of qs byte c (its low value's, then its high value's) at bit 2 HB (c % P) of
+#       byte c // P, P = 4 / HB;
+#   d   float16 [N, K/32] per block (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0), [N, K/256] per superblock (K-quants);
+#   m   float16 [N, K/32] (Q4_1, Q5_1); dmin float16 [N, K/256] (Q4_K, Q5_K);
+#   sc, mn  uint8 [N, K/32] (Q4_K, Q5_K: their 6-bit scales, unpacked); sc6 int8 [N, K/16] (Q6_K).
+# Bytes: the file's (K-quants +2.8% / 2.3%, as in the tiles).
+
+def planes(fmt, raw, chunk_rows=4096):
+    """GGUF rows uint8 [N, row bytes] of `fmt` -> {plane: tensor} on raw's device (see above)."""
+    fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
+    parts = [_planes_rows(fmt, raw[r0:r0 + chunk_rows]) for r0 in range(0, raw.shape[0], chunk_rows)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _planes_rows(fmt, raw):
+    n = raw.shape[0]
+    K = raw.shape[1] // fmt.type_size * fmt.block
+    f = reference.unpack_blocks(fmt.name, raw.reshape(-1, fmt.type_size))
+    q = f["q"].reshape(n, K)
+    out = {}
+    if fmt.bits == 8:
+        out["qs"] = q.contiguous()
+    else:
+        halves = q.reshape(n, K // 32, 2, 16)
+        out["qs"] = ((halves[:, :, 0] & 15) | ((halves[:, :, 1] & 15) << 4)).reshape(n, K // 2)
+    if fmt.bits in (5, 6):
+        hb = fmt.bits - 4
+        high = (halves >> 4).to(torch.int32)
+        pair = (high[:, :, 0] | (high[:, :, 1] << hb)).reshape(n, K // 2)   # 2 hb bits per qs byte
+        per = 4 // hb
+        shifts = torch.arange(per, dtype=torch.int32) * 2 * hb
+        out["qh"] = (pair.reshape(n, K // 2 // per, per) << shifts).sum(-1).to(torch.uint8)
+    groups = K // fmt.block
+    out["d"] = f["d"].reshape(n, groups).half()
+    for name in ("m", "dmin"):
+        if name in f:
+            out[name] = f[name].reshape(n, groups).half()
+    for name in ("sc", "mn", "sc6"):
+        if name in f:
+            out[name] = f[name].reshape(n, -1).contiguous()
     return out

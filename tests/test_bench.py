@@ -1,12 +1,14 @@
 """The benchmarks as users run them: `fuselm bench` from the installed package, anywhere, and the
 report with or without matplotlib."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from bench import report
+from fuselm import quant
 from tests.fixtures import smollm2_path
 
 DOC = {"benchmark": "norm", "device": "Some CPU", "cpu": "Some CPU", "date": "2026-12-02", "torch": "2.x",
@@ -40,6 +42,21 @@ def test_serve_benchmark_streams_from_a_live_server(tmp_path):
     (row,) = json.loads((tmp_path / "serve.json").read_text())["rows"]
     assert row["server"] == "fuselm" and row["clients"] == 2 and row["gen_tok_s"] > 0
     assert 0 < row["ttft_p50_ms"] <= row["ttft_p90_ms"] and row["itl_p50_ms"] > 0
+
+
+def test_quant_benchmark_runs_the_gpu_kernels_on_the_cpu(tmp_path):
+    """bench.quant --kernels triton (the GPU path) through Triton's interpreter, so it cannot rot
+    between GPU runs: every format checked against the reference, then timed."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("the GPU check runs bench.quant natively")
+    r = subprocess.run([sys.executable, "-m", "bench.quant", "--quick", "--device", "cpu", "--kernels", "triton",
+                        "--shapes", "odd rows", "--reps", "2", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((tmp_path / "quant.json").read_text())
+    assert doc["kernels"] == "triton (interpreter)"
+    assert {row["provider"] for row in doc["rows"]} == {*quant.FORMATS, "bf16 F.linear", "bf16 native"}
 
 
 def test_fuselm_bench_names_an_unknown_benchmark(tmp_path):

@@ -677,10 +677,10 @@ def test_pack_drops_raw_and_dequantize_says_so(fuselm_ops):
     qt.pack()
     assert qt.raw is None and qt.tiles.shape == (2, quant.tile_bytes(qt.fmt, 64)) and qt.tiles.shape[1] % 64 == 0
     assert qt.nbytes == qt.tiles.numel()
-    with pytest.raises(ValueError, match="tensor blk.2.attn_v.weight keeps only the native tile layout"):
+    with pytest.raises(ValueError, match="tensor blk.2.attn_v.weight keeps only a kernel layout"):
         qt.dequantize()
     assert torch.equal(bits_of(native.embedding(torch.arange(6), qt)), bits_of(dense))
-    with pytest.raises(ValueError, match="tensor u is not packed for the native kernels; call .pack"):
+    with pytest.raises(ValueError, match="tensor u is not packed for the native CPU kernels; call .pack"):
         ops.linear(torch.randn(1, 64), quant.QuantizedTensor("Q5_0", (6, 64), raw, name="u"), backend="native")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 ARCHS = (80, 90)
-MODULES = ("norm", "attention", "decode", "sampling")
+MODULES = ("norm", "attention", "decode", "sampling", "quant")
 FULL = os.environ.get("FUSELM_HYPOTHESIS_PROFILE", "ci") == "thorough"
 AOT = Path(__file__).resolve().with_name("triton_aot.py")
 TIMEOUT_S = 3600 if FULL else 900  # a hung compiler fails the test instead of the CI job

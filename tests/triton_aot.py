@@ -44,7 +44,8 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import KernelInterface
 
-from fuselm.kernels import attention, decode, norm, sampling
+from fuselm import quant as formats
+from fuselm.kernels import attention, decode, norm, quant, sampling
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,24 @@ def sampling_cases(full):
             yield f"{case} per-row params", functools.partial(sampling.sample, logits, **rows)
 
 
-CASES = {"norm": norm_cases, "attention": attention_cases, "decode": decode_cases, "sampling": sampling_cases}
+def quant_cases(full):
+    # a 4096 x 4096 weight (many splits at decode); the CI subset: every format in bf16 at one decode
+    # row, the prefill tile in bf16 for a 32- and a 256-block format, fp32's own tiles for one format
+    shapes = (4096, 4096)
+    cases = [(fmt, dtype, m) for fmt in formats.FORMATS for dtype in DTYPES[full] for m in (1, 16, 256)] if full else (
+        [(fmt, torch.bfloat16, 1) for fmt in formats.FORMATS]
+        + [("Q8_0", torch.bfloat16, 256), ("Q4_K", torch.bfloat16, 256), ("Q4_0", torch.float32, 1),
+           ("Q4_0", torch.float32, 256)])
+    for fmt, dtype, m in cases:
+        f = formats.FORMATS[fmt]
+        raw = torch.zeros(shapes[0], f.row_bytes(shapes[1]), dtype=torch.uint8)
+        w = formats.QuantizedTensor(fmt, shapes, raw, name=fmt).pack_planes()
+        x = torch.empty(m, shapes[1], dtype=dtype)
+        yield f"linear {fmt} {_dt(dtype)} x[{m}, {shapes[1]}] w{list(shapes)}", functools.partial(quant.linear, x, w)
+
+
+CASES = {"norm": norm_cases, "attention": attention_cases, "decode": decode_cases, "sampling": sampling_cases,
+         "quant": quant_cases}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +174,7 @@ CASES = {"norm": norm_cases, "attention": attention_cases, "decode": decode_case
 @contextlib.contextmanager
 def recording(gpu, launches):
     """Launches append (kernel, grid, args, kwargs) to `launches`; CUDA questions get gpu's answers."""
-    cuda_plan = decode.split_plan
+    cuda_plan, quant_plan = decode.split_plan, quant.plan
 
     def record(kernel, grid):
         return lambda *args, **kwargs: launches.append((kernel, grid, args, kwargs))
@@ -164,7 +182,9 @@ def recording(gpu, launches):
     with mock.patch.object(KernelInterface, "__getitem__", record), \
          mock.patch.object(torch.cuda, "device", lambda device: contextlib.nullcontext()), \
          mock.patch.object(decode, "split_plan", lambda smax, d, device: cuda_plan(smax, d, torch.device("cuda"))), \
-         mock.patch.object(decode, "_sm_count", lambda device: gpu.sms):
+         mock.patch.object(decode, "_sm_count", lambda device: gpu.sms), \
+         mock.patch.object(quant, "_sm_count", lambda device: gpu.sms), \
+         mock.patch.object(quant, "plan", lambda m, n, k, dt, device: quant_plan(m, n, k, dt, torch.device("cuda"))):
         yield
 
 
