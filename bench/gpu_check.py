@@ -47,13 +47,13 @@ TEST_PARTS = {
     "tests-native": ("test_native.py", "test_native_attention.py", "test_native_linear.py", "test_quant.py",
                      "test_graphs.py", "test_tuning.py", "test_gpu_check.py", "test_bench.py"),
     "tests-model": ("test_model.py", "test_engine.py", "test_serve.py", "test_hf.py", "test_quant_model.py",
-                    "test_config_weights.py", "test_tokenizer.py"),
+                    "test_config_weights.py", "test_tokenizer.py", "test_tp.py"),
 }
 BENCHES = {"bench-norm": "norm", "bench-attention": "attention", "bench-decode": "decode",
            "bench-sampling": "sampling", "bench-quant": "quant", "bench-e2e": "e2e", "bench-engine": "engine"}
-# bench/run.py's benchmarks the GPU check skips: the CPU-only kernels, and serve (its peer is a CPU llama-server and
-# its clients would share the part's budget with the server)
-CPU_BENCHES = ("native_cpu", "serve")
+# bench/run.py's benchmarks the GPU check skips: the CPU-only kernels, serve (its peer is a CPU llama-server and
+# its clients would share the part's budget with the server) and tp (two ranks need two GPUs)
+CPU_BENCHES = ("native_cpu", "serve", "tp")
 # the microbenchmarks keep their own CUDA repetitions (50 per case); quant spends most of its time
 # quantizing the weights on the CPU, so three of its shapes
 BENCH_ARGS = {"e2e": ["--reps", "3"], "engine": ["--reps", "1"], "quant": ["--shapes", "1b o,8b qkv,8b down"]}

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import common, report
 
-BENCHMARKS = ["norm", "attention", "decode", "sampling", "native_cpu", "quant", "e2e", "engine", "serve"]
+BENCHMARKS = ["norm", "attention", "decode", "sampling", "native_cpu", "quant", "e2e", "engine", "serve", "tp"]
 
 
 def main(argv=None):

@@ -12,17 +12,19 @@ from .ops import set_backend
 __version__ = "0.1.0"
 
 
-def load(source, dtype=None, device=None, backend="auto", quant="keep", quantize=None, progress=True):
+def load(source, dtype=None, device=None, backend="auto", quant="keep", quantize=None, progress=True, tp=1):
     """Load a model: a Hugging Face directory, a .gguf file, or a built-in name.
 
     quant="keep" (default) keeps GGUF block-quantized weights quantized where the device has
-    quantized matmuls (the CPU's native kernels), "dequantize" converts them to dense `dtype`.
+    quantized matmuls (the CPU's native kernels, Triton's on CUDA), "dequantize" converts them to dense `dtype`.
     quantize="q8_0" | "q4_0" | "q4_1" quantizes dense weights (safetensors) at load.
     progress=False hides the loading progress bar and the size summary.
+    tp=N shards the model over N processes (tensor parallelism, fuselm.tp): this one is rank 0, the
+    others are started here, or by torchrun, where every rank calls load and only rank 0 returns.
     """
     from .model import Model
     return Model.load(source, dtype=dtype, device=device, backend=backend, quant=quant, quantize=quantize,
-                      progress=progress)
+                      progress=progress, tp=tp)
 
 
 def __getattr__(name):

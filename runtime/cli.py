@@ -24,6 +24,8 @@ def _model_args(p):
                         "quantized matmuls) or dequantize them at load")
     p.add_argument("--quantize", default=None, choices=("q8_0", "q4_0", "q4_1"),
                    help="quantize dense (safetensors) weights at load")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism: shard the model over N processes "
+                                                     "(GPUs, or CPU processes sharing the cores; default 1)")
 
 
 def _sampling_args(p):
@@ -43,7 +45,8 @@ def _sampling(a):
 
 def _load(a):
     import fuselm
-    return fuselm.load(a.model, dtype=a.dtype, device=a.device, backend=a.backend, quant=a.quant, quantize=a.quantize)
+    return fuselm.load(a.model, dtype=a.dtype, device=a.device, backend=a.backend, quant=a.quant, quantize=a.quantize,
+                       tp=a.tp)
 
 
 def _report(model):
@@ -91,7 +94,7 @@ def cmd_chat(a):
 
 def cmd_serve(a):
     from fuselm.serve.server import kv_cache_memory, serve
-    load = dict(dtype=a.dtype, device=a.device, backend=a.backend, quant=a.quant, quantize=a.quantize)
+    load = dict(dtype=a.dtype, device=a.device, backend=a.backend, quant=a.quant, quantize=a.quantize, tp=a.tp)
     return serve(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
                  max_num_seqs=a.max_num_seqs, max_queue=a.max_queue, kv_cache_memory=kv_cache_memory(a.kv_cache_memory),
                  max_model_len=a.max_model_len, load_kwargs=load, verbose=a.verbose)

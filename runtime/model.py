@@ -75,14 +75,17 @@ def default_dtype(device):
 class Transformer:
     """The network: weights plus forward passes with and without a KV cache."""
 
-    def __init__(self, config, weights, backends, device, dtype):
-        """backends: op -> backend name (see backends_for); dtype: the activations' (and KV cache's)."""
+    def __init__(self, config, weights, backends, device, dtype, shard=None):
+        """backends: op -> backend name (see backends_for); dtype: the activations' (and KV cache's);
+        shard: this rank's tp.Shard under tensor parallelism (its heads; o and down all-reduce)."""
         self.config = config
         self.backends = backends
         self.w = weights
         self.device, self.dtype = device, dtype
+        self.shard = shard
         c = config
-        self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.heads, self.kv_heads = (shard.heads, shard.kv_heads) if shard else (c.num_heads, c.num_kv_heads)
+        self.q_size, self.kv_size = self.heads * c.head_dim, self.kv_heads * c.head_dim
         if c.arch == "llama":
             self.cos, self.sin = rope.tables(c.head_dim, c.rope_theta, c.rope_scaling,
                                              c.max_position_embeddings, device)
@@ -124,21 +127,32 @@ class Transformer:
         for i in range(c.num_layers):
             qkv = self._linear(h, f"layers.{i}.qkv")                          # [B, S, (Hq + 2 Hkv) D]
             qk, v = qkv.split((self.q_size + self.kv_size, self.kv_size), dim=-1)
-            qk = qk.view(B, S, c.num_heads + c.num_kv_heads, c.head_dim)
-            v = v.view(B, S, c.num_kv_heads, c.head_dim)
+            qk = qk.view(B, S, self.heads + self.kv_heads, c.head_dim)
+            v = v.view(B, S, self.kv_heads, c.head_dim)
             if c.arch == "llama":  # q and k, adjacent in qkv, rotate in one call
                 qk = ops.rope(qk, self.cos, self.sin, positions, backend=self.backends["rope"])
-            q, k = qk.split((c.num_heads, c.num_kv_heads), dim=2)             # [B, S, H, D] each
+            q, k = qk.split((self.heads, self.kv_heads), dim=2)               # [B, S, H, D] each
             o = attend(i, q, k, v)                                           # [B, S, Hq, D]
-            a = self._linear(o.reshape(B, S, self.q_size), f"layers.{i}.o")
+            a = self._reduce(self._linear(o.reshape(B, S, self.q_size), f"layers.{i}.o"))
             h, r = self._norm(a, f"layers.{i}.mlp_norm", residual=r)
-            m = self._mlp(h, i)
+            m = self._reduce(self._mlp(h, i))
             nxt = f"layers.{i + 1}.attn_norm" if i + 1 < c.num_layers else "final_norm"
             h, r = self._norm(m, nxt, residual=r)
         return h
 
+    def _reduce(self, x):
+        """A row-parallel projection's output: the sum of every rank's part (tensor parallelism)."""
+        if self.shard is None:
+            return x
+        from . import tp
+        return tp.all_reduce(x)
+
     def _lm_head(self, h):
-        return ops.linear(h, self.w["lm_head"], out_dtype=torch.float32, backend=self.backends["linear"])
+        logits = ops.linear(h, self.w["lm_head"], out_dtype=torch.float32, backend=self.backends["linear"])
+        if self.shard is None:
+            return logits
+        from . import tp
+        return tp.gather_vocab(self.shard, logits.reshape(-1, logits.shape[-1])).reshape(*logits.shape[:-1], -1)
 
     def bytes_per_token(self):
         """Bytes of weights one decode step reads: all but the embeddings, of which it reads a row."""
@@ -181,7 +195,7 @@ class Transformer:
 
     def new_pool(self, num_blocks, block_size):
         c = self.config
-        return KVPool(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        return KVPool(c.num_layers, num_blocks, block_size, self.kv_heads, c.head_dim, self.dtype, self.device)
 
     def invariant_rows(self):
         """Up to how many rows a pass's linears give each row the result it gets alone (so decode rows
@@ -294,40 +308,55 @@ def _storage(c, ckpt, sources, shapes, names, keep, quantize):
     return out, kept
 
 
-def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None, layout="tiles"):
+def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None, layout="tiles", shard=None):
     """Read, rearrange and check every tensor the network needs, one at a time.
 
     keep: GGUF block-quantized matrices stay quantized (fuselm.quant.QuantizedTensor, packed into
     `layout`: "tiles" for the native kernels, "planes" for Triton's); quantize: a format name, dense
-    matrices are quantized to it."""
+    matrices are quantized to it; shard: a tp.Shard: each tensor is cut to this rank's part as it is
+    read (the vocabulary slice of a tied lm_head is then its own tensor)."""
     from tqdm import tqdm
 
+    from . import tp
     c = ckpt.config
     shapes = _expected_shapes(c)
+    local = {n: tp.local_shape(shard, c, n, s) for n, s in shapes.items()} if shard else shapes
     sources = _sources(c, set(ckpt.names()))
-    tied = sources["lm_head"][1] == sources["embed"][1]
+    tied = shard is None and sources["lm_head"][1] == sources["embed"][1]
     names = [n for n in shapes if not (tied and n == "lm_head")]
     storage, kept = _storage(c, ckpt, sources, shapes, names, keep, quantize)
-    dense = _slots({n: [shapes[n]] for n in names if storage[n] is None}, dtype, device)
+    dense = _slots({n: [local[n]] for n in names if storage[n] is None}, dtype, device)
     tiles = _slots({n: [quant.tiles_shape(quant.FORMATS[f], (rows, shapes[n][1])) for f, rows in r]
-                    for n, r in storage.items() if r is not None and layout == "tiles"}, torch.uint8, device)
+                    for n, r in storage.items() if r is not None and layout == "tiles" and not shard},
+                   torch.uint8, device)
+    if shard:
+        tp.check_blocks(shard, c, {n: [f for f, _ in storage[n]] for n in names if storage[n] is not None})
+
+    def cut(name, parts):  # this rank's part of each checkpoint part (all of it without a shard)
+        return [tp.slice_part(shard, c, name, i, len(parts), t) for i, t in enumerate(parts)] if shard else parts
+
     weights = {}
     for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr):
         how, parts = sources[name]
         if name in kept:
-            w = quant.concat_rows([ckpt.get_quantized(p) for p in parts], name)
+            pieces = [ckpt.get_quantized(p) for p in parts]
+            _check_shape(c, name, parts, (sum(q.shape[0] for q in pieces), pieces[0].shape[1]), shapes)
+            w = quant.concat_rows(cut(name, pieces), name)
         else:
             tensors = [ckpt.get(p, dtype if storage[name] is None else torch.float32, device) for p in parts]
-            w = torch.cat(tensors) if how == "cat" else tensors[0].t().contiguous() if how == "conv1d" else tensors[0]
+            tensors = [t.t() for t in tensors] if how == "conv1d" else tensors     # GPT-2's Conv1D [in, out]
+            _check_shape(c, name, parts, (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), shapes)
+            tensors = cut(name, tensors)
+            w = torch.cat(tensors) if len(tensors) > 1 else tensors[0].contiguous()
             del tensors  # free the staging copies before the next tensor is read
             if storage[name] is not None:
-                _check_shape(c, name, parts, w.shape, shapes)
                 w = quant.quantize(w, storage[name][0][0], name)
-        _check_shape(c, name, parts, w.shape, shapes)
+        _check_shape(c, name, parts, w.shape, local)
         if storage[name] is None:
             weights[name] = dense[name][0].copy_(w)
         elif layout == "tiles":
-            weights[name] = w.pack(out=tiles[name] if isinstance(w, quant.QuantizedStack) else tiles[name][0])
+            slab = tiles.get(name)
+            weights[name] = w.pack(out=slab if slab is None or isinstance(w, quant.QuantizedStack) else slab[0])
         elif name in ("embed", "pos_embed") and not (tied and name == "embed"):
             weights[name] = quant.QuantizedTensor(w.fmt, w.shape, w.raw.to(device), name=w.name)  # rows gathered
         else:  # the embedding tied to lm_head keeps its rows for torch's gather too
@@ -414,16 +443,39 @@ class Model:
         self.last_stats = None
         self._engine, self._engine_lock = None, threading.Lock()
         # decode steps replay a CUDA graph on GPUs; FUSELM_CUDA_GRAPHS=0 runs them eagerly (debugging)
-        self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("FUSELM_CUDA_GRAPHS", "1") != "0"
-        self.use_cpu_graph = (native and self.device.type == "cpu"
+        # (not under tensor parallelism: a replayed step would skip announcing it to the other ranks)
+        alone = getattr(net, "shard", None) is None
+        self.use_cuda_graph = (alone and self.device.type == "cuda"
+                               and os.environ.get("FUSELM_CUDA_GRAPHS", "1") != "0")
+        self.use_cpu_graph = (alone and native and self.device.type == "cpu"
                               and os.environ.get("FUSELM_CPU_GRAPHS", "1") != "0")
 
     @classmethod
-    def load(cls, source, dtype=None, device=None, backend="auto", quant="keep", quantize=None, progress=True):
+    def load(cls, source, dtype=None, device=None, backend="auto", quant="keep", quantize=None, progress=True,
+             tp=1):
+        args = dict(dtype=dtype, device=device, backend=backend, quant=quant, quantize=quantize, progress=False)
         device = parse_device(device)
         dtype = parse_dtype(dtype) or default_dtype(device)
         ops.check_backend_name(backend)
         quantize = parse_quant(quant, quantize)
+        if tp == 1:
+            return cls._load(source, dtype, device, backend, quant, quantize, progress)
+        from . import tp as tensor_parallel
+        tensor_parallel.plan(open_checkpoint(source).config, tp, 0)  # a bad split fails before any process starts
+        rank, group = tensor_parallel.join(tp, source, args, device)
+        if device.type == "cuda":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        try:
+            return cls._load(source, dtype, device, backend, quant, quantize, progress and rank == 0,
+                             tensor_parallel.plan(open_checkpoint(source).config, tp, rank), group)
+        except Exception:  # every rank fails alike (the same checks): stop the group
+            tensor_parallel.abort(group)
+            raise
+
+    @classmethod
+    def _load(cls, source, dtype, device, backend, quant, quantize, progress, shard=None, group=None):
+        """load() on one process, of the whole model or (tensor parallelism) of rank shard's part."""
         # fail now, not mid-generation, if a backend cannot run here; build the native
         # extension now too, so its one-time compile is not timed as generation
         backends = backends_for(backend, device)
@@ -443,7 +495,8 @@ class Model:
         ckpt = open_checkpoint(source)
         tokenizer = ckpt.tokenizer()
         layout = ("tiles" if resolved["linear"] == "native" else "planes") if keep else None
-        weights = load_weights(ckpt, dtype, device, progress, keep=keep, quantize=quantize, layout=layout)
+        weights = load_weights(ckpt, dtype, device, progress, keep=keep, quantize=quantize, layout=layout,
+                               shard=shard)
         if resolved["linear"] == "native" and backend == "auto":
             from . import tuning
             tuning.prepare({n: w for n, w in weights.items() if n not in ("embed", "pos_embed")})
@@ -451,8 +504,14 @@ class Model:
             ops.log.info("fuselm: quantized matmuls on the %s path (%s)", torch.ops.fuselm.quant_isa(),
                          "64+ rows: dequantized into torch's GEMM" if torch.ops.fuselm.quant_isa() == "avx512vnni"
                          else "the integer kernel at every row count")
-        model = cls(Transformer(ckpt.config, weights, backends, device, dtype), tokenizer,
-                    native="native" in resolved.values())
+        net = Transformer(ckpt.config, weights, backends, device, dtype, shard)
+        if shard is not None:
+            from . import tp as tensor_parallel
+            if shard.rank > 0:
+                tensor_parallel.serve(net)  # until rank 0 stops: this process exists to serve it
+                sys.exit(0)
+            net = tensor_parallel.Leader(net, group)
+        model = cls(net, tokenizer, native="native" in resolved.values())
         if progress:
             model._print_sizes(weights)
         return model
@@ -487,7 +546,7 @@ class Model:
     @property
     def kv_bytes_per_token(self):
         c = self.config
-        return KVPool.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        return KVPool.bytes_per_token(c.num_layers, self.net.kv_heads, c.head_dim, self.dtype)  # this rank's
 
     def engine(self, **kwargs):
         """A new serving engine on this model (fuselm.Engine's arguments)."""
