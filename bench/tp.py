@@ -44,8 +44,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         notes = []
         path = save_model(tmp, args.quick, notes)
-        models = {1: fuselm.load(path, dtype="float32", device="cpu", progress=False),
-                  2: fuselm.load(path, dtype="float32", device="cpu", progress=False, tp=2)}
+        models = {1: fuselm.load(path, dtype="float32", device="cpu", progress=False)}
+        threads = {1: torch.get_num_threads()}
+        models[2] = fuselm.load(path, dtype="float32", device="cpu", progress=False, tp=2)
+        threads[2] = torch.get_num_threads()  # rank 0's share of the cores
         prompt = list(range(1, 33))
         engines = {k: m.engine(max_num_seqs=1, max_model_len=256) for k, m in models.items()}
         tokens = {k: e.submit(prompt, max_new_tokens=n, ignore_eos=True).result().token_ids for k, e in engines.items()}
@@ -54,6 +56,7 @@ def main(argv=None):
         rounds = {k: [] for k in models}
         for _ in range(1 if args.quick else ROUNDS):
             for k, e in engines.items():
+                torch.set_num_threads(threads[k])  # tp=1 on every core, each tp=2 rank on its share
                 h = e.submit(prompt, max_new_tokens=n, ignore_eos=True)
                 stamps = []
                 for _piece in h.deltas():

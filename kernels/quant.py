@@ -9,7 +9,8 @@ one layout for every format, weight = s * q + mn per group with q the unsigned v
     Q6_K             s = d * sc6,          mn = -32 s            per 16 values (as s * (q - 32))
 
 in float32, in the reference's order of operations (reference.dequantize_blocks), so every
-weight the kernel forms equals the reference's bit for bit. A qs byte holds the low nibbles
+weight the kernel forms equals the reference's, up to the compiler fusing a multiply and an add
+into one FMA on GPUs (one rounding fewer; tests/test_triton_quant.py's bound allows for it). A qs byte holds the low nibbles
 of two values 16 columns apart (column 32 b + j and 32 b + 16 + j of 32-block b), so a tile of
 BLOCK_K / 2 bytes per row is two [BLOCK_N, BLOCK_K / 2] halves of weights, each multiplied
 with the x columns it pairs with (x is small and cached: its strided loads cost nothing next to
@@ -111,8 +112,9 @@ def _qmatmul_kernel(X_ptr, Qs_ptr, Qh_ptr, D_ptr, M_ptr, Sc_ptr, Mn_ptr, Bias_pt
         w_lo, w_hi = _halves(Qs_ptr, Qh_ptr, D_ptr, M_ptr, Sc_ptr, Mn_ptr, rn, c, lo,
                              n_ok[:, None] & c_ok[None, :], K, KIND, BITS, OFFSET)
         x_mask = m_ok[:, None] & c_ok[None, :]
-        x_lo = tl.load(x_rows + lo[None, :] * stride_xk, mask=x_mask, other=0)
-        x_hi = tl.load(x_rows + (lo + 16)[None, :] * stride_xk, mask=x_mask, other=0)
+        x_cols = lo.to(tl.int64)[None, :] * stride_xk                     # (transposed x: large strides)
+        x_lo = tl.load(x_rows + x_cols, mask=x_mask, other=0)
+        x_hi = tl.load(x_rows + x_cols + 16 * stride_xk, mask=x_mask, other=0)
         w_lo, w_hi = w_lo.to(x_lo.dtype), w_hi.to(x_lo.dtype)
         if UPCAST:  # the interpreter's numpy has no bf16 matmul: the same rounded values in fp32
             x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)

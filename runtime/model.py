@@ -462,9 +462,9 @@ class Model:
             return cls._load(source, dtype, device, backend, quant, quantize, progress)
         from . import tp as tensor_parallel
         tensor_parallel.plan(open_checkpoint(source).config, tp, 0)  # a bad split fails before any process starts
-        rank, group = tensor_parallel.join(tp, source, args, device)
+        rank, local_rank, group = tensor_parallel.join(tp, source, args, device)
         if device.type == "cuda":
-            device = torch.device("cuda", rank)
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         try:
             return cls._load(source, dtype, device, backend, quant, quantize, progress and rank == 0,

@@ -249,6 +249,11 @@ def _f16(blocks, start):
     return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
 
 
+def _shifts(values, like):
+    """uint8 shift amounts on `like`'s device (blocks may be on a GPU: torch's embedding gathers there)."""
+    return torch.tensor(list(values), dtype=torch.uint8, device=like.device)
+
+
 def _nibbles(qs):
     """Bytes [n, ..., 16] holding values j (low nibble) and j + 16 (high nibble) -> [n, ..., 32]."""
     return torch.cat((qs & 15, qs >> 4), dim=-1)
@@ -256,7 +261,7 @@ def _nibbles(qs):
 
 def _bits(qh, count):
     """Little-endian bits of bytes [n, count // 8] -> [n, count] (bit i of the stored word)."""
-    shifts = torch.arange(8, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
     return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], count)
 
 
@@ -290,15 +295,15 @@ def unpack_blocks(fmt, blocks):
                 "d": _f16(blocks, 0)}
     if fmt in ("Q4_K", "Q5_K"):
         sc, mn = _k_scales(blocks[:, 4:16])
-        qs = blocks[:, -128:].reshape(n, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+        qs = blocks[:, -128:].reshape(n, 4, 1, 32) >> _shifts((0, 4), blocks).view(1, 1, 2, 1)
         q = (qs & 15).reshape(n, 256)
         if fmt == "Q5_K":
-            qh = blocks[:, 16:48].reshape(n, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+            qh = blocks[:, 16:48].reshape(n, 1, 32) >> _shifts(range(8), blocks).view(1, 8, 1)
             q = q | ((qh & 1).reshape(n, 256) << 4)
         return {"q": q, "d": _f16(blocks, 0), "dmin": _f16(blocks, 2), "sc": sc, "mn": mn}
     if fmt == "Q6_K":
-        ql = blocks[:, :128].reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
-        qh = blocks[:, 128:192].reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+        ql = blocks[:, :128].reshape(n, 2, 1, 64) >> _shifts((0, 4), blocks).view(1, 1, 2, 1)
+        qh = blocks[:, 128:192].reshape(n, 2, 1, 32) >> _shifts((0, 2, 4, 6), blocks).view(1, 1, 4, 1)
         q = (ql & 15).reshape(n, 256) | ((qh & 3).reshape(n, 256) << 4)
         return {"q": q, "d": _f16(blocks, 208), "sc6": blocks[:, 192:208].contiguous().view(torch.int8)}
     raise ValueError(f"unknown GGUF block format {fmt!r}")

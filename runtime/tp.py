@@ -22,9 +22,11 @@ stop/cancel are rank 0's scheduling. A dead rank makes rank 0's next collective 
 CPU ranks split the cores between them (torch threads), so N ranks do not oversubscribe.
 """
 import atexit
+import dataclasses
 import datetime
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -208,35 +210,53 @@ _RANK_ENV, _INIT_ENV = "FUSELM_TP_RANK", "FUSELM_TP_INIT"  # set in the ranks fu
 
 
 def join(size, source, load_kwargs, device):
-    """Join (or start) the group of `size` ranks; returns (rank, Group or None). Rank 0 without torchrun
-    spawns ranks 1..size-1, each running fuselm.load(source, tp=size, **load_kwargs) itself."""
+    """Join (or start) the group of `size` ranks; returns (rank, local rank, Group or None). Rank 0
+    without torchrun spawns ranks 1..size-1, each running fuselm.load(source, tp=size, **load_kwargs)."""
     if dist.is_initialized():
         raise RuntimeError("this process already belongs to a torch.distributed group (a tensor-parallel model "
                            "is loaded): close it first (model.net.close())")
     group = None
     if _RANK_ENV in os.environ:                                   # a rank fuselm.load spawned
         rank, init = int(os.environ[_RANK_ENV]), os.environ[_INIT_ENV]
+        local = rank
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:     # torchrun
         if int(os.environ["WORLD_SIZE"]) != size:
             raise ValueError(f"tp={size}, but torchrun started {os.environ['WORLD_SIZE']} processes")
         rank, init = int(os.environ["RANK"]), "env://"
+        local = int(os.environ.get("LOCAL_RANK", rank))           # its GPU on this node
     else:
         if device.type == "cuda" and torch.cuda.device_count() < size:
             raise ValueError(f"tp={size} needs {size} GPUs, but {torch.cuda.device_count()} are visible")
-        rank, group = 0, Group(size, source, load_kwargs)
+        rank = local = 0
+        group = Group(size, source, load_kwargs)
         init = group.init
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if device.type == "cpu":
         torch.set_num_threads(max(1, cores // size))  # N ranks share the cores (Group.close gives them back)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init, rank=rank,
-                            world_size=size, timeout=TIMEOUT)
-    return rank, group
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init, rank=rank,
+                                world_size=size, timeout=TIMEOUT)
+    except Exception as e:
+        if group is not None:
+            group.close()
+        raise RuntimeError(f"the {size} tensor-parallel ranks did not meet ({e}); a spawned rank re-imports the "
+                           "calling script, which must then guard its code with `if __name__ == '__main__':`") from e
+    return rank, local, group
 
 
 def _spawned(rank, size, init, source, load_kwargs):
     os.environ[_RANK_ENV], os.environ[_INIT_ENV] = str(rank), init
     from .model import Model
     Model.load(source, tp=size, **load_kwargs)  # serves rank 0, then exits
+
+
+_open = weakref.WeakSet()  # groups and leaders still to close at exit (weak: a dropped model is freed)
+
+
+@atexit.register
+def _close_all():
+    for obj in list(_open):
+        obj.close()
 
 
 class Group:
@@ -252,7 +272,8 @@ class Group:
                                   name=f"fuselm-tp-rank{r}") for r in range(1, size)]
         for p in self.procs:
             p.start()
-        atexit.register(self.close)
+        self.closed = False
+        _open.add(self)
 
     def check(self):
         for r, p in enumerate(self.procs, 1):
@@ -261,6 +282,9 @@ class Group:
 
     def close(self):
         import shutil
+        if self.closed:
+            return
+        self.closed = True
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():
@@ -277,23 +301,36 @@ def abort(group):
         group.close()
 
 
+def _portable(cmd, device):
+    """cmd with its tensors (a Batch's, or token ids) moved to `device`: rank 0 sends CPU tensors, each
+    rank takes them to its own device (pickled CUDA tensors would arrive on rank 0's GPU)."""
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if dataclasses.is_dataclass(x):
+            return dataclasses.replace(x, **{f.name: move(getattr(x, f.name)) for f in dataclasses.fields(x)})
+        return x
+    return tuple(move(x) for x in cmd)
+
+
 def _command(cmd=None):
     """Rank 0: broadcast cmd; the other ranks: receive it."""
-    box = [cmd]
+    box = [None if cmd is None else _portable(cmd, "cpu")]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def serve(net):
-    """Ranks > 0: run every forward pass rank 0 runs, on this rank's shard, until it stops."""
-    pool = None
+    """Ranks > 0: run every forward pass rank 0 runs, on this rank's shard, until it stops. Each of rank
+    0's KV pools (one per engine) has its twin here, by id."""
+    pools = {}
     with torch.inference_mode():
         while True:
-            cmd = _command()
+            cmd = _portable(_command(), net.device)
             if cmd[0] == "pool":
-                pool = net.new_pool(*cmd[1:])
+                pools[cmd[1]] = net.new_pool(*cmd[2:])
             elif cmd[0] == "step":
-                net.step(cmd[1], pool)
+                net.step(cmd[2], pools[cmd[1]])
             elif cmd[0] == "forward":
                 net.forward(cmd[1])
             else:
@@ -303,45 +340,44 @@ def serve(net):
 
 class Leader:
     """Rank 0's network: its own shard, with every pass first announced to the other ranks. Passes
-    run one at a time (the engine's lock; Model.logits is not called during engine steps)."""
+    run one at a time (the engine's lock; Model.logits is not called during engine steps). A failed
+    pass fails the group for good: the other ranks may be left inside a collective."""
 
     def __init__(self, net, group):
         self.net, self.group, self.failed = net, group, None
-        atexit.register(self.close)
+        self._pools, self._next_pool = weakref.WeakKeyDictionary(), 0  # rank 0's pool -> its id on every rank
+        _open.add(self)
 
     def __getattr__(self, name):
         return getattr(self.net, name)
 
-    def _announce(self, cmd):
+    def _run(self, cmd, fn, *args):
         if self.failed:
             raise RuntimeError(f"the tensor-parallel group failed earlier ({self.failed}); reload the model")
         try:
             if self.group is not None:
                 self.group.check()
             _command(cmd)
-        except Exception as e:
-            self.failed = str(e)
-            raise
-
-    def _run(self, cmd, fn, *args):
-        self._announce(cmd)
-        try:
             return fn(*args)
-        except Exception as e:  # a collective failed: a rank died or timed out
+        except Exception as e:  # a rank died, a collective failed or timed out
             self.failed = str(e)
             raise RuntimeError(f"tensor-parallel pass failed: {e}") from e
 
     def new_pool(self, num_blocks, block_size):
-        return self._run(("pool", num_blocks, block_size), self.net.new_pool, num_blocks, block_size)
+        pid, self._next_pool = self._next_pool, self._next_pool + 1
+        pool = self._run(("pool", pid, num_blocks, block_size), self.net.new_pool, num_blocks, block_size)
+        self._pools[pool] = pid
+        return pool
 
     def step(self, batch, kv):
-        return self._run(("step", batch), self.net.step, batch, kv)
+        return self._run(("step", self._pools[kv], batch), self.net.step, batch, kv)
 
     def forward(self, tokens):
         return self._run(("forward", tokens), self.net.forward, tokens)
 
     def close(self):
         """Stop the other ranks (at exit, or by hand)."""
+        _open.discard(self)
         if dist.is_initialized():
             if not self.failed:
                 try:

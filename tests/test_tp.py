@@ -22,6 +22,13 @@ from tests.fixtures import save_tiny_gguf, save_tiny_model
 PROMPTS = ["hello world", "a longer prompt with more words"]
 
 
+@pytest.fixture(autouse=True)
+def _no_group_left():
+    """A test that fails mid-way must not leave its ranks (and this process's group) to the next one."""
+    yield
+    tp._close_all()
+
+
 def tiny_config(arch="llama", **kw):
     from fuselm.weights import open_checkpoint
     return open_checkpoint(save_tiny_model(arch, kw.pop("path"), **kw)).config
@@ -134,6 +141,10 @@ def test_two_ranks_give_one_process_tokens(tmp_path, arch, kw):
     one, two = _pair(path)
     assert isinstance(two.net, tp.Leader) and two.net.shard.size == 2
     _same_tokens_and_close_logits(one, two)
+    # a second engine has its own KV pool on every rank; the first still works after it
+    other = two.engine(max_num_seqs=2).submit(PROMPTS[1], max_new_tokens=8).result().text
+    assert other == one.generate(PROMPTS[1], max_new_tokens=8)
+    assert two.generate(PROMPTS[0], max_new_tokens=8) == one.generate(PROMPTS[0], max_new_tokens=8)
     before = dict(tp.calls)
     two.logits(torch.tensor([[1, 2, 3]]))
     layers = one.config.num_layers
