@@ -255,7 +255,8 @@ _open = weakref.WeakSet()  # groups and leaders still to close at exit (weak: a 
 
 @atexit.register
 def _close_all():
-    for obj in list(_open):
+    # leaders first: each stops its ranks, which its group then joins at once
+    for obj in sorted(_open, key=lambda o: isinstance(o, Group)):
         obj.close()
 
 

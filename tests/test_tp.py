@@ -238,3 +238,24 @@ def test_two_gpus_give_one_gpu_tokens(tmp_path, arch):
     two = fuselm.load(path, dtype="float32", device="cuda", progress=False, tp=2)
     _same_tokens_and_close_logits(one, two)
     two.net.close()
+
+
+def test_serve_with_tp_2_answers_like_one_process_and_stops_its_ranks(tmp_path):
+    import httpx
+    from tests.test_serve import Server
+    path = save_tiny_model("llama", tmp_path / "m")
+    server = Server(tmp_path, "--model", str(path), "--tp", "2", "--device", "cpu", "--dtype", "float32")
+    import psutil  # (accelerate's dependency)
+    try:
+        server.wait_ready()
+        ranks = psutil.Process(server.proc.pid).children()
+        assert len(ranks) >= 1
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": str(path), "prompt": "hello world",
+                                                             "max_tokens": 6, "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        one = fuselm.load(path, dtype="float32", device="cpu", progress=False)
+        assert r.json()["choices"][0]["text"] == one.generate("hello world", max_new_tokens=6)
+    finally:
+        assert server.stop() == 0, server.text()
+    gone, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, f"ranks left running after the server stopped: {alive}"
