@@ -62,7 +62,7 @@ def main(argv=None):
                 for _piece in h.deltas():
                     stamps.append(time.perf_counter())
                 rounds[k].append((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1) * 1e3)
-        models[2].net.close()
+        models[2].close()
     rows = [{"tp": k, "ms_per_token": statistics.median(v), "tok_s": 1e3 / statistics.median(v), "rounds": v}
             for k, v in rounds.items()]
     rows[1]["x_tp1"] = rows[0]["ms_per_token"] / rows[1]["ms_per_token"]

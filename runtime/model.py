@@ -553,6 +553,15 @@ class Model:
         from .engine import Engine
         return Engine(self, **kwargs)
 
+    def close(self):
+        """Stop the default engine's background loop and, under tensor parallelism, the other ranks
+        (they also stop when this process exits). The model cannot run afterwards."""
+        with self._engine_lock:
+            if self._engine is not None and self._engine.running:
+                self._engine.stop()
+        if getattr(self.net, "shard", None) is not None:
+            self.net.close()
+
     def default_engine(self):
         """The engine generate and chat submit to, made on first use (once, whichever thread asks)."""
         with self._engine_lock:

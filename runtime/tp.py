@@ -214,7 +214,7 @@ def join(size, source, load_kwargs, device):
     without torchrun spawns ranks 1..size-1, each running fuselm.load(source, tp=size, **load_kwargs)."""
     if dist.is_initialized():
         raise RuntimeError("this process already belongs to a torch.distributed group (a tensor-parallel model "
-                           "is loaded): close it first (model.net.close())")
+                           "is loaded): close it first (model.close())")
     group = None
     if _RANK_ENV in os.environ:                                   # a rank fuselm.load spawned
         rank, init = int(os.environ[_RANK_ENV]), os.environ[_INIT_ENV]

@@ -115,7 +115,7 @@ def test_quantized_row_parallel_blocks_must_not_straddle(tmp_path):
     assert not dist.is_initialized()
     dense = fuselm.load(gguf_file, dtype="float32", device="cpu", progress=False, tp=2, quant="dequantize")
     assert dense.generate("hello", max_new_tokens=2)  # dense weights split at any column
-    dense.net.close()
+    dense.close()
 
 
 # ---------------------------------------------------------------- 2 ranks, end to end
@@ -150,7 +150,7 @@ def test_two_ranks_give_one_process_tokens(tmp_path, arch, kw):
     layers = one.config.num_layers
     assert tp.calls["all_reduce"] - before["all_reduce"] == 2 * layers
     assert tp.calls["all_gather"] - before["all_gather"] == 1
-    two.net.close()
+    two.close()
 
 
 def test_two_ranks_keep_gguf_blocks_quantized(tmp_path):
@@ -164,7 +164,7 @@ def test_two_ranks_keep_gguf_blocks_quantized(tmp_path):
     # (the split falls on a block boundary), so only float32 summation order differs
     assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
     assert two.generate(PROMPTS, max_new_tokens=6) == one.generate(PROMPTS, max_new_tokens=6)
-    two.net.close()
+    two.close()
 
 
 def test_a_dead_rank_is_an_error_not_a_hang(tmp_path):
@@ -178,7 +178,7 @@ def test_a_dead_rank_is_an_error_not_a_hang(tmp_path):
         two.generate("hello", max_new_tokens=2)
     with pytest.raises(RuntimeError, match="tensor-parallel"):
         two.logits(torch.tensor([[1, 2]]))
-    two.net.close()
+    two.close()
 
 
 def test_cli_generate_with_tp_2_prints_the_same_text(tmp_path):
@@ -237,7 +237,7 @@ def test_two_gpus_give_one_gpu_tokens(tmp_path, arch):
     one = fuselm.load(path, dtype="float32", device="cuda", progress=False)
     two = fuselm.load(path, dtype="float32", device="cuda", progress=False, tp=2)
     _same_tokens_and_close_logits(one, two)
-    two.net.close()
+    two.close()
 
 
 def test_serve_with_tp_2_answers_like_one_process_and_stops_its_ranks(tmp_path):
