@@ -105,6 +105,26 @@ class GGUFFile:
             raise ValueError(f"{self.path}: tensor {tensor.name} is truncated ({n} of {out.nbytes} bytes)")
         return out
 
+    def read_rows(self, tensor, rows, cols=None):
+        """The rows [a, b) of each range in `rows` of a tensor stored as [N, row bytes] (a block-quantized
+        matrix's GGUF rows), and of each row only bytes [c0, c1) when cols is given: uint8 [n, bytes].
+        Only those bytes are read (one read per range of whole rows, one per row with cols)."""
+        row_bytes = tensor.data.shape[-1] * tensor.data.dtype.itemsize
+        c0, c1 = cols or (0, row_bytes)
+        out = np.empty((sum(b - a for a, b in rows), c1 - c0), dtype=np.uint8)
+        at = 0
+        with open(self.path, "rb") as f:
+            for a, b in rows:
+                if cols is None:
+                    f.seek(tensor.offset + a * row_bytes)
+                    f.readinto(memoryview(out[at:at + b - a]).cast("B"))
+                else:
+                    for r in range(a, b):
+                        f.seek(tensor.offset + r * row_bytes + c0)
+                        f.readinto(memoryview(out[at + r - a]).cast("B"))
+                at += b - a
+        return out
+
     def _unpack(self, fmt):
         values = struct.unpack_from(fmt, self._buf, self._pos)
         self._pos += struct.calcsize(fmt)

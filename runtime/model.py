@@ -332,21 +332,26 @@ def load_weights(ckpt, dtype, device, progress=True, keep=False, quantize=None, 
     if shard:
         tp.check_blocks(shard, c, {n: [f for f, _ in storage[n]] for n in names if storage[n] is not None})
 
-    def cut(name, parts):  # this rank's part of each checkpoint part (all of it without a shard)
-        return [tp.slice_part(shard, c, name, i, len(parts), t) for i, t in enumerate(parts)] if shard else parts
+    def read(name, parts, get, transposed=False):
+        """Each checkpoint part's piece this rank holds (all of it without a shard): get(part, rows, cols)."""
+        out = []
+        for i, p in enumerate(parts):
+            rows, cols, zero = tp.part_ranges(shard, c, name, i, len(parts)) if shard else (None, None, False)
+            t = get(p, cols, rows) if transposed else get(p, rows, cols)  # stored [in, out]: our rows, its cols
+            out.append(torch.zeros_like(t) if zero else t)
+        return out
 
     weights = {}
     for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, file=sys.stderr):
         how, parts = sources[name]
-        if name in kept:
-            pieces = [ckpt.get_quantized(p) for p in parts]
-            _check_shape(c, name, parts, (sum(q.shape[0] for q in pieces), pieces[0].shape[1]), shapes)
-            w = quant.concat_rows(cut(name, pieces), name)
+        if name in kept:  # (_storage checked the full shapes from the metadata)
+            w = quant.concat_rows(read(name, parts, ckpt.get_quantized), name)
         else:
-            tensors = [ckpt.get(p, dtype if storage[name] is None else torch.float32, device) for p in parts]
+            full = [ckpt.shape(p)[::-1] if how == "conv1d" else ckpt.shape(p) for p in parts]
+            _check_shape(c, name, parts, (sum(s[0] for s in full), *full[0][1:]), shapes)
+            kind = dtype if storage[name] is None else torch.float32
+            tensors = read(name, parts, lambda p, rows, cols: ckpt.get(p, kind, device, rows, cols), how == "conv1d")
             tensors = [t.t() for t in tensors] if how == "conv1d" else tensors     # GPT-2's Conv1D [in, out]
-            _check_shape(c, name, parts, (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), shapes)
-            tensors = cut(name, tensors)
             w = torch.cat(tensors) if len(tensors) > 1 else tensors[0].contiguous()
             del tensors  # free the staging copies before the next tensor is read
             if storage[name] is not None:

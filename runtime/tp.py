@@ -135,29 +135,16 @@ def col_range(shard, config, name):
     return shard.i0, shard.i0 + shard.intermediate
 
 
-def slice_part(shard, config, name, part, num_parts, t):
-    """Rank shard's piece of checkpoint part `part` of internal tensor `name` (a weight [N, K], a
-    bias [N], dense or a QuantizedTensor of GGUF rows); row-parallel biases: zeros off rank 0."""
-    from .quant import QuantizedTensor
-    rows = row_ranges(shard, config, name.replace(".bias", ".weight"), part, num_parts)
+def part_ranges(shard, config, name, part, num_parts):
+    """(rows, cols, zero) of checkpoint part `part` (of num_parts) of internal tensor `name` (a weight
+    [N, K] or a bias [N]) for rank shard: the [(start, stop)] ranges of its rows and columns to read
+    (None: all), and whether the rank holds zeros instead (a row-parallel bias off rank 0)."""
+    weight = name.replace(".bias", ".weight")
+    rows = row_ranges(shard, config, weight, part, num_parts)
+    cols = col_range(shard, config, weight)
     if name.endswith(".bias"):
-        if col_range(shard, config, name.replace(".bias", ".weight")) is not None and shard.rank:
-            return torch.zeros_like(t)
-        return t if rows is None else torch.cat([t[a:b] for a, b in rows])
-    cols = col_range(shard, config, name)
-    if isinstance(t, QuantizedTensor):
-        raw, K = t.require("raw"), t.shape[1]
-        if cols is not None:  # whole blocks (check_blocks made sure), type_size bytes each
-            per = t.fmt.type_size
-            raw, K = raw[:, cols[0] // t.fmt.block * per:cols[1] // t.fmt.block * per], cols[1] - cols[0]
-        if rows is not None:
-            raw = torch.cat([raw[a:b] for a, b in rows])
-        return QuantizedTensor(t.fmt, (raw.shape[0], K), raw.contiguous(), name=t.name)
-    if cols is not None:
-        t = t[:, cols[0]:cols[1]]
-    if rows is not None:
-        t = torch.cat([t[a:b] for a, b in rows])
-    return t.contiguous()
+        return rows, None, cols is not None and shard.rank > 0
+    return rows, None if cols is None else [cols], False
 
 
 def check_blocks(shard, config, formats):

@@ -85,20 +85,28 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self._index)
 
-    def get(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
-        """Tensor `name` converted to `dtype` on `device` (a fresh tensor, never a view of the file)."""
+    def get(self, name: str, dtype: torch.dtype, device, rows=None, cols=None) -> torch.Tensor:
+        """Tensor `name` converted to `dtype` on `device` (a fresh tensor, never a view of the file).
+        rows, cols: [(start, stop)] ranges of its first and second dim to take (each concatenated in
+        order; None: all): a rank's part under tensor parallelism. Safetensors reads only those;
+        GGUF's dense tensors are read whole and cut."""
         if name not in self._index:
             raise KeyError(f"tensor {name!r} is not in {self._file_of(name)}")
-        t = self._read(name, dtype)
+        t = self._read(name, dtype, rows, cols)
         return t.to(device=device)
+
+    def shape(self, name: str) -> tuple:
+        """The shape `get(name)` returns when it takes every row and column."""
+        raise NotImplementedError
 
     def quantized_format(self, name: str):
         """The GGUF block format (a fuselm.quant.FORMATS name) tensor `name` is stored in, or None for a
         dense tensor; an error for block formats fuselm cannot keep quantized."""
         return None
 
-    def get_quantized(self, name: str):
-        """Tensor `name` as a fuselm.quant.QuantizedTensor (GGUF's own rows, on the CPU)."""
+    def get_quantized(self, name: str, rows=None, cols=None):
+        """Tensor `name` as a fuselm.quant.QuantizedTensor (GGUF's own rows, on the CPU); rows, cols as in
+        get (cols on block boundaries), only those bytes read."""
         raise ValueError(f"tensor {name!r} in {self._file_of(name)} is not block-quantized")
 
     def quantized_shape(self, name: str):
@@ -117,6 +125,15 @@ class Checkpoint:
 
     def _file_of(self, name):
         return self.path
+
+
+def take(read, rows, cols, n):
+    """read(row slice, column slice or None) for every range of rows (all n without) and cols, joined."""
+    def part(a, b):
+        if cols is None:
+            return read(slice(a, b), None)
+        return torch.cat([read(slice(a, b), slice(c, d)) for c, d in cols], dim=1)
+    return torch.cat([part(a, b) for a, b in rows or [(0, n)]])
 
 
 def open_checkpoint(source) -> Checkpoint:
@@ -200,10 +217,17 @@ class SafetensorsCheckpoint(Checkpoint):
     def _file_of(self, name):
         return self._index.get(name, self.path)
 
-    def _read(self, name, dtype):
+    def shape(self, name):
+        return tuple(self._files[self._index[name]].get_slice(name).get_shape())
+
+    def _read(self, name, dtype, rows=None, cols=None):
         file = self._index[name]
         handle = self._files[file]
-        t = handle.get_tensor(name)  # a copy out of the map; safetensors checked the sizes at open
+        if rows is None and cols is None:
+            t = handle.get_tensor(name)  # a copy out of the map; safetensors checked the sizes at open
+        else:  # only these parts come out of the map
+            sl = handle.get_slice(name)
+            t = take(lambda r, c: sl[r] if c is None else sl[r, c], rows, cols, sl.get_shape()[0])
         if not t.is_floating_point():
             raise ValueError(f"tensor {name!r} in {file} is stored as {t.dtype}, not floating point; "
                              "quantized safetensors weights are not supported")
@@ -295,33 +319,54 @@ class GGUFCheckpoint(Checkpoint):
         t, _ = self._index[name]
         return int(np.prod(t.shape[1:])), int(t.shape[0])
 
-    def get_quantized(self, name):
-        from .quant import QuantizedTensor
+    def get_quantized(self, name, rows=None, cols=None):
+        from .quant import FORMATS, QuantizedTensor
         fmt = self.quantized_format(name)
         if fmt is None:
             return super().get_quantized(name)
         t, part = self._index[name]
-        shape = self.quantized_shape(name)
-        raw = torch.from_numpy(self.reader.read(t)).reshape(shape[0], -1)
-        return QuantizedTensor(fmt, shape, self._permute_back(raw, t, part), name=t.name)
+        N, K = self.quantized_shape(name)
+        if rows is None and cols is None:
+            raw = torch.from_numpy(self.reader.read(t)).reshape(N, -1)
+            return QuantizedTensor(fmt, (N, K), self._permute_back(raw, t, part), name=t.name)
+        # whole heads of Q/K rows (tensor parallelism): the permutation stays within each head
+        if cols is not None and len(cols) != 1:
+            raise ValueError(f"tensor {t.name}: one column range at a time, got {cols}")
+        f = FORMATS[fmt]
+        span = None if cols is None else (cols[0][0] // f.block * f.type_size, cols[0][1] // f.block * f.type_size)
+        raw = torch.from_numpy(self.reader.read_rows(t, rows or [(0, N)], span))
+        K = K if cols is None else cols[0][1] - cols[0][0]
+        return QuantizedTensor(fmt, (raw.shape[0], K), self._permute_back(raw, t, part, full=rows is None),
+                               name=t.name)
 
-    def _permute_back(self, x, t, part):
-        """Undo llama.cpp's Q/K row permutation (dense values or quantized rows alike)."""
+    def _permute_back(self, x, t, part, full=True):
+        """Undo llama.cpp's Q/K row permutation (dense values or quantized rows alike); full=False: x holds
+        some whole heads of the tensor."""
         c = self.config
         if self._permuted and part in ("attn_q", "attn_k"):
             heads = c.num_heads if part == "attn_q" else c.num_kv_heads
+            if not full:
+                heads = x.shape[0] // c.head_dim
             if x.shape[0] != heads * c.head_dim:
                 raise ValueError(f"tensor {t.name} in {self.path} has {x.shape[0]} rows, but {heads} heads of "
                                  f"{c.head_dim} need {heads * c.head_dim}")
             x = _unpermute(x, heads)
         return x
 
-    def _read(self, name, dtype):
+    def shape(self, name):
+        t, part = self._index[name]
+        shape = tuple(reversed([int(d) for d in t.shape]))  # GGUF lists dims innermost first
+        conv1d = self._arch == "gpt2" and part in _GPT2_CONV1D and len(shape) == 2
+        return shape[::-1] if conv1d else shape
+
+    def _read(self, name, dtype, rows=None, cols=None):
         t, part = self._index[name]
         shape = tuple(reversed([int(d) for d in t.shape]))  # GGUF lists dims innermost first
         x = self._permute_back(self._dequantize(t, name, dtype).reshape(shape), t, part)
         if self._arch == "gpt2" and part in _GPT2_CONV1D and x.dim() == 2:
             x = x.t().contiguous()
+        if rows is not None or cols is not None:  # dense GGUF tensors: read whole, then cut
+            x = take(lambda r, c: x[r] if c is None else x[r, c], rows, cols, x.shape[0])
         return x
 
     def _dequantize(self, t, name, dtype):

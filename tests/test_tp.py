@@ -259,3 +259,48 @@ def test_serve_with_tp_2_answers_like_one_process_and_stops_its_ranks(tmp_path):
         assert server.stop() == 0, server.text()
     gone, alive = psutil.wait_procs(ranks, timeout=30)
     assert not alive, f"ranks left running after the server stopped: {alive}"
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf-q8_0"])
+def test_each_rank_reads_only_its_part_of_the_matrices(tmp_path, fmt, monkeypatch):
+    """The loader asks the checkpoint for the rank's rows/columns of every split matrix (safetensors
+    slices its map; GGUF reads those rows, or those bytes of each row, from the file), and the
+    pieces equal the full tensors cut."""
+    from fuselm.model import load_weights
+    from fuselm.weights import GGUFCheckpoint, SafetensorsCheckpoint, open_checkpoint
+    path = save_tiny_model("llama", tmp_path / "hf")
+    if fmt != "safetensors":
+        path = save_tiny_gguf(path, tmp_path / "m.gguf", qtype="Q8_0")
+    calls = []
+    cls = SafetensorsCheckpoint if fmt == "safetensors" else GGUFCheckpoint
+    method = "_read" if fmt == "safetensors" else "get_quantized"
+    real = getattr(cls, method)
+
+    def spy(self, name, *args):
+        calls.append((name, args[-2:]))
+        return real(self, name, *args)
+    monkeypatch.setattr(cls, method, spy)
+    ckpt = open_checkpoint(path)
+    c = ckpt.config
+    got = load_weights(ckpt, torch.float32, torch.device("cpu"), progress=False, keep=fmt != "safetensors",
+                       shard=tp.plan(c, 2, 1), layout="planes")
+    split = [(n, rc) for n, rc in calls if "proj" in n or "lm_head" in n or "output.weight" in n or "attn_" in n
+             or "ffn_" in n]
+    assert split and all(rows is not None or cols is not None for _, (rows, cols) in split), split
+    monkeypatch.undo()
+    if fmt == "safetensors":
+        whole = load_weights(open_checkpoint(path), torch.float32, torch.device("cpu"), progress=False)
+        s = tp.plan(c, 2, 1)
+        for name in ("layers.0.down.weight", "lm_head"):
+            rows, cols, _ = tp.part_ranges(s, c, name, 0, 1)
+            expect = whole[name] if cols is None else whole[name][:, cols[0][0]:cols[0][1]]
+            expect = expect if rows is None else torch.cat([expect[x:y] for x, y in rows])
+            assert torch.equal(got[name], expect), name
+    else:  # GGUF rows: whole heads of the permuted Q rows, and bytes of each ffn_down row
+        q, down = "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"
+        D = c.head_dim
+        full_q, part_q = ckpt.get_quantized(q), ckpt.get_quantized(q, rows=[(2 * D, 4 * D)])
+        assert torch.equal(part_q.raw, full_q.raw[2 * D:4 * D])
+        full_d, part_d = ckpt.get_quantized(down), ckpt.get_quantized(down, cols=[(64, 128)])
+        assert part_d.shape == (full_d.shape[0], 64) and torch.equal(part_d.raw, full_d.raw[:, 2 * 34:4 * 34])
+    assert isinstance(got["layers.0.o.weight"], quant.QuantizedTensor) == (fmt != "safetensors")
