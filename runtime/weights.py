@@ -360,12 +360,25 @@ class GGUFCheckpoint(Checkpoint):
         return shape[::-1] if conv1d else shape
 
     def _read(self, name, dtype, rows=None, cols=None):
+        from gguf import GGMLQuantizationType as Q
         t, part = self._index[name]
         shape = tuple(reversed([int(d) for d in t.shape]))  # GGUF lists dims innermost first
+        conv1d = self._arch == "gpt2" and part in _GPT2_CONV1D and len(shape) == 2
+        # the file holds GPT-2's Conv1D weights as [out, in]: HF's rows are its columns
+        stored_rows, stored_cols = (cols, rows) if conv1d else (rows, cols)
+        partial = (rows is not None or cols is not None) and len(shape) == 2
+        if partial and (stored_cols is None or len(stored_cols) == 1) and t.tensor_type in (Q.F32, Q.F16, Q.BF16):
+            # a rank's part of a float matrix: only those rows (and bytes of each row) are read
+            size = 4 if t.tensor_type == Q.F32 else 2
+            span = None if stored_cols is None else (stored_cols[0][0] * size, stored_cols[0][1] * size)
+            raw = torch.from_numpy(self.reader.read_rows(t, stored_rows or [(0, shape[0])], span))
+            x = raw.view({Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}[t.tensor_type])
+            x = self._permute_back(x.to(dtype), t, part, full=stored_rows is None)
+            return x.t().contiguous() if conv1d else x
         x = self._permute_back(self._dequantize(t, name, dtype).reshape(shape), t, part)
-        if self._arch == "gpt2" and part in _GPT2_CONV1D and x.dim() == 2:
+        if conv1d:
             x = x.t().contiguous()
-        if rows is not None or cols is not None:  # dense GGUF tensors: read whole, then cut
+        if rows is not None or cols is not None:  # other types (and vectors): read whole, then cut
             x = take(lambda r, c: x[r] if c is None else x[r, c], rows, cols, x.shape[0])
         return x
 

@@ -135,9 +135,12 @@ def _same_tokens_and_close_logits(one, two):
     assert two.generate(PROMPTS, max_new_tokens=8) == one.generate(PROMPTS, max_new_tokens=8)
 
 
-@pytest.mark.parametrize("arch, kw", [("llama", {}), ("llama", {"num_key_value_heads": 1}), ("gpt2", {})])
+@pytest.mark.parametrize("arch, kw", [("llama", {}), ("llama", {"num_key_value_heads": 1}), ("gpt2", {}),
+                                      ("gpt2-gguf", {}), ("llama-gguf", {})])
 def test_two_ranks_give_one_process_tokens(tmp_path, arch, kw):
-    path = save_tiny_model(arch, tmp_path, **kw)
+    path = save_tiny_model(arch.split("-")[0], tmp_path, **kw)
+    if arch.endswith("gguf"):  # float32 GGUF: the parts read row by row from the file (Conv1D and Q/K permuted)
+        path = save_tiny_gguf(path, tmp_path / "m.gguf", qtype="F32")
     one, two = _pair(path)
     assert isinstance(two.net, tp.Leader) and two.net.shard.size == 2
     _same_tokens_and_close_logits(one, two)
@@ -261,7 +264,7 @@ def test_serve_with_tp_2_answers_like_one_process_and_stops_its_ranks(tmp_path):
     assert not alive, f"ranks left running after the server stopped: {alive}"
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "gguf-q8_0"])
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf-q8_0", "gguf-f16"])
 def test_each_rank_reads_only_its_part_of_the_matrices(tmp_path, fmt, monkeypatch):
     """The loader asks the checkpoint for the rank's rows/columns of every split matrix (safetensors
     slices its map; GGUF reads those rows, or those bytes of each row, from the file), and the
@@ -270,10 +273,10 @@ def test_each_rank_reads_only_its_part_of_the_matrices(tmp_path, fmt, monkeypatc
     from fuselm.weights import GGUFCheckpoint, SafetensorsCheckpoint, open_checkpoint
     path = save_tiny_model("llama", tmp_path / "hf")
     if fmt != "safetensors":
-        path = save_tiny_gguf(path, tmp_path / "m.gguf", qtype="Q8_0")
+        path = save_tiny_gguf(path, tmp_path / "m.gguf", qtype=fmt.split("-")[1].upper())
     calls = []
     cls = SafetensorsCheckpoint if fmt == "safetensors" else GGUFCheckpoint
-    method = "_read" if fmt == "safetensors" else "get_quantized"
+    method = "get_quantized" if fmt == "gguf-q8_0" else "_read"
     real = getattr(cls, method)
 
     def spy(self, name, *args):
@@ -282,16 +285,16 @@ def test_each_rank_reads_only_its_part_of_the_matrices(tmp_path, fmt, monkeypatc
     monkeypatch.setattr(cls, method, spy)
     ckpt = open_checkpoint(path)
     c = ckpt.config
-    got = load_weights(ckpt, torch.float32, torch.device("cpu"), progress=False, keep=fmt != "safetensors",
+    got = load_weights(ckpt, torch.float32, torch.device("cpu"), progress=False, keep=fmt == "gguf-q8_0",
                        shard=tp.plan(c, 2, 1), layout="planes")
     split = [(n, rc) for n, rc in calls if "proj" in n or "lm_head" in n or "output.weight" in n or "attn_" in n
              or "ffn_" in n]
     assert split and all(rows is not None or cols is not None for _, (rows, cols) in split), split
     monkeypatch.undo()
-    if fmt == "safetensors":
+    if fmt != "gguf-q8_0":
         whole = load_weights(open_checkpoint(path), torch.float32, torch.device("cpu"), progress=False)
         s = tp.plan(c, 2, 1)
-        for name in ("layers.0.down.weight", "lm_head"):
+        for name in ("layers.0.down.weight", "layers.1.qkv.weight", "lm_head"):
             rows, cols, _ = tp.part_ranges(s, c, name, 0, 1)
             expect = whole[name] if cols is None else whole[name][:, cols[0][0]:cols[0][1]]
             expect = expect if rows is None else torch.cat([expect[x:y] for x, y in rows])
@@ -303,4 +306,4 @@ def test_each_rank_reads_only_its_part_of_the_matrices(tmp_path, fmt, monkeypatc
         assert torch.equal(part_q.raw, full_q.raw[2 * D:4 * D])
         full_d, part_d = ckpt.get_quantized(down), ckpt.get_quantized(down, cols=[(64, 128)])
         assert part_d.shape == (full_d.shape[0], 64) and torch.equal(part_d.raw, full_d.raw[:, 2 * 34:4 * 34])
-    assert isinstance(got["layers.0.o.weight"], quant.QuantizedTensor) == (fmt != "safetensors")
+    assert isinstance(got["layers.0.o.weight"], quant.QuantizedTensor) == (fmt == "gguf-q8_0")
