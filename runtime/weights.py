@@ -95,10 +95,6 @@ class Checkpoint:
         t = self._read(name, dtype, rows, cols)
         return t.to(device=device)
 
-    def shape(self, name: str) -> tuple:
-        """The shape `get(name)` returns when it takes every row and column."""
-        raise NotImplementedError
-
     def quantized_format(self, name: str):
         """The GGUF block format (a fuselm.quant.FORMATS name) tensor `name` is stored in, or None for a
         dense tensor; an error for block formats fuselm cannot keep quantized."""
@@ -218,6 +214,7 @@ class SafetensorsCheckpoint(Checkpoint):
         return self._index.get(name, self.path)
 
     def shape(self, name):
+        """The shape `get(name)` returns when it takes every row and column (from the metadata)."""
         return tuple(self._files[self._index[name]].get_slice(name).get_shape())
 
     def _read(self, name, dtype, rows=None, cols=None):
@@ -354,6 +351,7 @@ class GGUFCheckpoint(Checkpoint):
         return x
 
     def shape(self, name):
+        """As SafetensorsCheckpoint.shape (GPT-2's Conv1D weights in HF's [in, out], as get returns them)."""
         t, part = self._index[name]
         shape = tuple(reversed([int(d) for d in t.shape]))  # GGUF lists dims innermost first
         conv1d = self._arch == "gpt2" and part in _GPT2_CONV1D and len(shape) == 2
