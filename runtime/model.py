@@ -463,23 +463,24 @@ class Model:
         dtype = parse_dtype(dtype) or default_dtype(device)
         ops.check_backend_name(backend)
         quantize = parse_quant(quant, quantize)
+        ckpt = open_checkpoint(source)
         if tp == 1:
-            return cls._load(source, dtype, device, backend, quant, quantize, progress)
+            return cls._load(ckpt, dtype, device, backend, quant, quantize, progress)
         from . import tp as tensor_parallel
-        tensor_parallel.plan(open_checkpoint(source).config, tp, 0)  # a bad split fails before any process starts
+        tensor_parallel.plan(ckpt.config, tp, 0)  # a bad split fails before any process starts
         rank, local_rank, group = tensor_parallel.join(tp, source, args, device)
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         try:
-            return cls._load(source, dtype, device, backend, quant, quantize, progress and rank == 0,
-                             tensor_parallel.plan(open_checkpoint(source).config, tp, rank), group)
+            return cls._load(ckpt, dtype, device, backend, quant, quantize, progress and rank == 0,
+                             tensor_parallel.plan(ckpt.config, tp, rank), group)
         except Exception:  # every rank fails alike (the same checks): stop the group
             tensor_parallel.abort(group)
             raise
 
     @classmethod
-    def _load(cls, source, dtype, device, backend, quant, quantize, progress, shard=None, group=None):
+    def _load(cls, ckpt, dtype, device, backend, quant, quantize, progress, shard=None, group=None):
         """load() on one process, of the whole model or (tensor parallelism) of rank shard's part."""
         # fail now, not mid-generation, if a backend cannot run here; build the native
         # extension now too, so its one-time compile is not timed as generation
@@ -497,7 +498,6 @@ class Model:
         if quantize is not None and not keep:
             raise ValueError(f"quantize={quantize.lower()!r} needs quantized kernels (native on CPUs, triton), but "
                              f"linear runs on backend {resolved['linear']!r} on {device.type}")
-        ckpt = open_checkpoint(source)
         tokenizer = ckpt.tokenizer()
         layout = ("tiles" if resolved["linear"] == "native" else "planes") if keep else None
         weights = load_weights(ckpt, dtype, device, progress, keep=keep, quantize=quantize, layout=layout,

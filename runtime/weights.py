@@ -88,8 +88,8 @@ class Checkpoint:
     def get(self, name: str, dtype: torch.dtype, device, rows=None, cols=None) -> torch.Tensor:
         """Tensor `name` converted to `dtype` on `device` (a fresh tensor, never a view of the file).
         rows, cols: [(start, stop)] ranges of its first and second dim to take (each concatenated in
-        order; None: all): a rank's part under tensor parallelism. Safetensors reads only those;
-        GGUF's dense tensors are read whole and cut."""
+        order; None: all): a rank's part under tensor parallelism. Safetensors and GGUF's float
+        matrices read only those; other GGUF types are read whole and cut."""
         if name not in self._index:
             raise KeyError(f"tensor {name!r} is not in {self._file_of(name)}")
         t = self._read(name, dtype, rows, cols)
