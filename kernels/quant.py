@@ -12,9 +12,10 @@ in float32, in the reference's order of operations (reference.dequantize_blocks)
 weight the kernel forms equals the reference's, up to the compiler fusing a multiply and an add
 into one FMA on GPUs (one rounding fewer; tests/test_triton_quant.py's bound allows for it).
 A qs byte holds the low nibbles of two values 16 columns apart (column 32 b + j and
-32 b + 16 + j of 32-block b), so a tile of BLOCK_K / 2 bytes per row is two [BLOCK_N, BLOCK_K / 2] halves of weights, each multiplied
-with the x columns it pairs with (x is small and cached: its strided loads cost nothing next to
-the weight bytes). Q8_0 stores one value per byte; its two halves are loaded the same way.
+32 b + 16 + j of 32-block b), so a tile of BLOCK_K / 2 bytes per row is two
+[BLOCK_N, BLOCK_K / 2] halves of weights, each multiplied with the x columns it pairs with
+(x is small and cached: its strided loads cost nothing next to the weight bytes). Q8_0 stores
+one value per byte; its two halves are loaded the same way.
 
 The product: the weights are cast to x's dtype (bf16 / fp16: one rounding per weight, as every
 dequantize-then-tensor-core kernel does) and tl.dot accumulates in fp32; fp32 x takes exact fp32
